@@ -1,0 +1,365 @@
+// The one file that touches torch: op schemas, input checks, params filling, CPU and CUDA impls,
+// and the pybind11 module `selective_scan._C` (the import hook, with build information).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <sstream>
+#include <string>
+#include <tuple>
+
+#include "selective_scan.h"
+
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/scan_cuda.h"
+#endif
+
+#ifndef SELECTIVE_SCAN_VERSION
+#define SELECTIVE_SCAN_VERSION "0.0.0"
+#endif
+
+namespace selective_scan {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+std::string shape_str(const Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+std::string dtype_str(const Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
+
+ScalarKind kind_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ScalarKind::kFloat32;
+    case at::kHalf: return ScalarKind::kFloat16;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kDouble: return ScalarKind::kFloat64;
+    default: TORCH_CHECK(false, "unsupported dtype ", t);
+  }
+}
+
+void check_shape(const char* name, const Tensor& t, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected, ", got ",
+                    shape_str(t));
+}
+
+void check_dtype(const char* name, const Tensor& t, at::ScalarType expected) {
+  TORCH_CHECK_TYPE(t.scalar_type() == expected, name, ": expected dtype ", expected, ", got ",
+                   dtype_str(t));
+}
+
+void check_device(const char* name, const Tensor& t, const Tensor& u) {
+  TORCH_CHECK(t.device() == u.device(), name, ": expected a tensor on ", u.device(), " (u's device), got ",
+              t.device());
+}
+
+// Sizes and dtypes every op call agrees on, read off u and A.
+struct Problem {
+  int64_t batch, dim, seqlen, dstate;
+  at::ScalarType input_type, compute_type;
+};
+
+// A (batch, dim, seqlen) tensor with unit seqlen stride: a copy only when the last stride is not 1.
+Tensor rows_last_contiguous(const Tensor& t) { return t.stride(-1) == 1 || t.size(-1) <= 1 ? t : t.contiguous(); }
+
+RowTensor row_tensor(const Tensor& t) {
+  RowTensor r;
+  r.ptr = t.data_ptr();
+  r.batch_stride = t.stride(0);
+  r.dim_stride = t.stride(1);
+  return r;
+}
+
+Problem check_problem(const Tensor& u, const Tensor& delta, const Tensor& A) {
+  TORCH_CHECK_VALUE(u.dim() == 3, "u: expected 3 dims (batch, dim, seqlen), got shape ", shape_str(u));
+  const auto it = u.scalar_type();
+  TORCH_CHECK_TYPE(it == at::kFloat || it == at::kHalf || it == at::kBFloat16 || it == at::kDouble,
+                   "u: expected dtype float32, float16 or bfloat16 (float64 on CPU), got ", dtype_str(u));
+  TORCH_CHECK_TYPE(it != at::kDouble || u.device().is_cpu(),
+                   "u: float64 inputs are supported on CPU only, got float64 on ", u.device());
+  check_device("delta", delta, u);
+  check_shape("delta", delta, u.sizes());
+  check_dtype("delta", delta, it);
+  check_device("A", A, u);
+  TORCH_CHECK_TYPE(!A.is_complex(), "A: complex A is not supported, got dtype ", dtype_str(A));
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(0) == u.size(1),
+                    "A: expected shape (dim, dstate) with dim = ", u.size(1), ", got ", shape_str(A));
+  const int64_t dstate = A.size(1);
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxDstate, "A: expected 1 <= dstate <= ", kMaxDstate,
+                    ", got dstate = ", dstate);
+  const auto ct = it == at::kDouble ? at::kDouble : at::kFloat;
+  check_dtype("A", A, ct);
+  return {u.size(0), u.size(1), u.size(2), dstate, it, ct};
+}
+
+BCParams check_bc(const char* name, const Tensor& X, const Problem& p, const Tensor& u) {
+  check_device(name, X, u);
+  TORCH_CHECK_TYPE(X.scalar_type() == p.input_type || X.scalar_type() == p.compute_type, name,
+                   ": expected dtype ", p.input_type, " (u's) or ", p.compute_type, ", got ", dtype_str(X));
+  BCParams bc;
+  bc.type = kind_of(X.scalar_type());
+  bc.ptr = X.data_ptr();
+  if (X.dim() == 2) {
+    check_shape(name, X, {p.dim, p.dstate});
+    bc.is_variable = false;
+    bc.dim_stride = X.stride(0);
+    bc.dstate_stride = X.stride(1);
+    return bc;
+  }
+  TORCH_CHECK_VALUE(X.dim() == 3 || X.dim() == 4, name,
+                    ": expected (dim, dstate), (batch, dstate, seqlen) or (batch, n_groups, dstate, "
+                    "seqlen), got shape ", shape_str(X));
+  const int64_t groups = X.dim() == 3 ? 1 : X.size(1);
+  if (X.dim() == 3) {
+    check_shape(name, X, {p.batch, p.dstate, p.seqlen});
+  } else {
+    TORCH_CHECK_VALUE(groups >= 1 && p.dim % groups == 0, name, ": expected n_groups dividing dim = ",
+                      p.dim, ", got n_groups = ", groups);
+    check_shape(name, X, {p.batch, groups, p.dstate, p.seqlen});
+  }
+  TORCH_CHECK(X.size(-1) <= 1 || X.stride(-1) == 1, name, ": internal error, seqlen stride must be 1");
+  bc.is_variable = true;
+  bc.n_groups = groups;
+  bc.batch_stride = X.stride(0);
+  bc.group_stride = X.dim() == 3 ? 0 : X.stride(1);
+  bc.dstate_stride = X.stride(-2);
+  return bc;
+}
+
+// Unit seqlen stride for variable B/C (time-invariant ones keep their strides).
+Tensor bc_last_contiguous(const Tensor& X) {
+  return X.dim() >= 3 && X.size(-1) > 1 && X.stride(-1) != 1 ? X.contiguous() : X;
+}
+
+void check_vector(const char* name, const optional<Tensor>& t, const Problem& p, const Tensor& u) {
+  if (!t.has_value()) return;
+  check_device(name, *t, u);
+  check_shape(name, *t, {p.dim});
+  check_dtype(name, *t, p.compute_type);
+}
+
+// Every input checked and made kernel-ready (unit seqlen strides, contiguous small tensors).
+struct Inputs {
+  Problem p;
+  Tensor u, delta, A, B, C;
+  optional<Tensor> D, z, delta_bias, initial_state;
+  ScanParams params;
+};
+
+Inputs prepare_inputs(const Tensor& u_in, const Tensor& delta_in, const Tensor& A_in, const Tensor& B_in,
+                      const Tensor& C_in, const optional<Tensor>& D, const optional<Tensor>& z_in,
+                      const optional<Tensor>& delta_bias, const optional<Tensor>& initial_state,
+                      bool delta_softplus) {
+  Inputs in;
+  in.p = check_problem(u_in, delta_in, A_in);
+  const Problem& p = in.p;
+  in.u = rows_last_contiguous(u_in);
+  in.delta = rows_last_contiguous(delta_in);
+  in.A = A_in.contiguous();
+  in.B = bc_last_contiguous(B_in);
+  in.C = bc_last_contiguous(C_in);
+  check_vector("D", D, p, u_in);
+  check_vector("delta_bias", delta_bias, p, u_in);
+  if (D) in.D = D->contiguous();
+  if (delta_bias) in.delta_bias = delta_bias->contiguous();
+  if (z_in) {
+    check_device("z", *z_in, u_in);
+    check_shape("z", *z_in, u_in.sizes());
+    check_dtype("z", *z_in, p.input_type);
+    in.z = rows_last_contiguous(*z_in);
+  }
+  if (initial_state) {
+    check_device("initial_state", *initial_state, u_in);
+    check_shape("initial_state", *initial_state, {p.batch, p.dim, p.dstate});
+    check_dtype("initial_state", *initial_state, p.compute_type);
+    in.initial_state = initial_state->contiguous();
+  }
+
+  ScanParams& s = in.params;
+  s.batch = p.batch;
+  s.dim = p.dim;
+  s.seqlen = p.seqlen;
+  s.dstate = p.dstate;
+  s.input_type = kind_of(p.input_type);
+  s.delta_softplus = delta_softplus;
+  s.B = check_bc("B", in.B, p, u_in);
+  s.C = check_bc("C", in.C, p, u_in);
+  s.u = row_tensor(in.u);
+  s.delta = row_tensor(in.delta);
+  if (in.z) s.z = row_tensor(*in.z);
+  s.A = in.A.data_ptr();
+  s.D = in.D ? in.D->data_ptr() : nullptr;
+  s.delta_bias = in.delta_bias ? in.delta_bias->data_ptr() : nullptr;
+  s.initial_state = in.initial_state ? in.initial_state->data_ptr() : nullptr;
+  return in;
+}
+
+bool has_work(const Problem& p) { return p.batch > 0 && p.dim > 0 && p.seqlen > 0; }
+
+std::tuple<Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A,
+                                            const Tensor& B, const Tensor& C, const optional<Tensor>& D,
+                                            const optional<Tensor>& z, const optional<Tensor>& delta_bias,
+                                            const optional<Tensor>& initial_state, bool delta_softplus) {
+  Inputs in = prepare_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
+  const Problem& p = in.p;
+  auto fopts = u.options().dtype(p.compute_type);
+  Tensor out = at::empty({p.batch, p.dim, p.seqlen}, u.options());
+  Tensor checkpoints = at::empty({p.batch, p.dim, num_checkpoints(p.seqlen), p.dstate}, fopts);
+  if (!has_work(p)) {
+    Tensor last = in.initial_state ? in.initial_state->clone() : at::zeros({p.batch, p.dim, p.dstate}, fopts);
+    return {out, last, checkpoints};
+  }
+  Tensor last = at::empty({p.batch, p.dim, p.dstate}, fopts);
+  ScanParams& s = in.params;
+  s.out = row_tensor(out);
+  s.last_state = last.data_ptr();
+  s.checkpoints = checkpoints.data_ptr();
+  if (u.is_cpu()) {
+    scan_fwd_cpu(s);
+  } else {
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(u.device());
+    scan_fwd_cuda(s, at::cuda::getCurrentCUDAStream().stream());
+#else
+    TORCH_CHECK(false, "selective_scan was built without CUDA");
+#endif
+  }
+  return {out, last, checkpoints};
+}
+
+using BwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, const Tensor& u,
+                   const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
+                   const optional<Tensor>& D, const optional<Tensor>& z, const optional<Tensor>& delta_bias,
+                   const optional<Tensor>& initial_state, const Tensor& checkpoints_in, bool delta_softplus) {
+  Inputs in = prepare_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
+  const Problem& p = in.p;
+  check_device("dout", dout_in, u);
+  check_shape("dout", dout_in, u.sizes());
+  check_dtype("dout", dout_in, p.input_type);
+  Tensor dout = rows_last_contiguous(dout_in);
+  optional<Tensor> dlast;
+  if (dlast_state) {
+    check_device("dlast_state", *dlast_state, u);
+    check_shape("dlast_state", *dlast_state, {p.batch, p.dim, p.dstate});
+    check_dtype("dlast_state", *dlast_state, p.compute_type);
+    dlast = dlast_state->contiguous();
+  }
+  check_device("checkpoints", checkpoints_in, u);
+  check_shape("checkpoints", checkpoints_in, {p.batch, p.dim, num_checkpoints(p.seqlen), p.dstate});
+  check_dtype("checkpoints", checkpoints_in, p.compute_type);
+  Tensor checkpoints = checkpoints_in.contiguous();
+
+  auto fopts = u.options().dtype(p.compute_type);
+  Tensor du = at::empty_like(in.u, at::MemoryFormat::Contiguous);
+  Tensor ddelta = at::empty_like(in.u, at::MemoryFormat::Contiguous);
+  Tensor dz = in.z ? at::empty_like(in.u, at::MemoryFormat::Contiguous) : at::empty({0}, u.options());
+  Tensor dA = at::zeros({p.dim, p.dstate}, fopts);
+  Tensor dB = at::zeros(B.sizes(), fopts);
+  Tensor dC = at::zeros(C.sizes(), fopts);
+  Tensor dD = at::zeros({p.dim}, fopts);
+  Tensor ddelta_bias = at::zeros({p.dim}, fopts);
+  Tensor dinit = at::empty({p.batch, p.dim, p.dstate}, fopts);
+
+  if (!has_work(p)) {
+    if (dlast) dinit.copy_(*dlast); else dinit.zero_();
+    if (in.z) dz.zero_();
+    return {du, ddelta, dA, dB.to(B.scalar_type()), dC.to(C.scalar_type()), dD, dz, ddelta_bias, dinit};
+  }
+
+  ScanBwdParams b;
+  b.fwd = in.params;
+  b.dout = row_tensor(dout);
+  b.dlast_state = dlast ? dlast->data_ptr() : nullptr;
+  b.checkpoints = checkpoints.data_ptr();
+  b.du = row_tensor(du);
+  b.ddelta = row_tensor(ddelta);
+  if (in.z) b.dz = row_tensor(dz);
+  b.dA = dA.data_ptr();
+  b.dB = dB.data_ptr();
+  b.dC = dC.data_ptr();
+  b.dD = dD.data_ptr();
+  b.ddelta_bias = ddelta_bias.data_ptr();
+  b.dinitial_state = dinit.data_ptr();
+
+  if (u.is_cpu()) {
+    scan_bwd_cpu(b);
+  } else {
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(u.device());
+    // Partial sums in fixed slots, reduced here in a fixed order: the backward is deterministic.
+    auto f32 = u.options().dtype(at::kFloat);
+    const int64_t cbpg = scan_bwd_cuda_channel_blocks_per_group(b.fwd);
+    auto bc_partial = [&](const BCParams& bc) {
+      return bc.is_variable ? at::empty({cbpg, p.batch, bc.n_groups, p.dstate, p.seqlen}, f32)
+                            : at::empty({p.batch, p.dim, p.dstate}, f32);
+    };
+    Tensor pB = bc_partial(b.fwd.B), pC = bc_partial(b.fwd.C);
+    Tensor pA = at::empty({p.batch, p.dim, p.dstate}, f32);
+    Tensor pD = at::empty({p.batch, p.dim}, f32);
+    Tensor pbias = at::empty({p.batch, p.dim}, f32);
+    ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
+                          pD.data_ptr<float>(), pbias.data_ptr<float>()};
+    scan_bwd_cuda(b, parts, at::cuda::getCurrentCUDAStream().stream());
+    dA.copy_(pA.sum(0));
+    dD.copy_(pD.sum(0));
+    ddelta_bias.copy_(pbias.sum(0));
+    auto reduce_bc = [&](const BCParams& bc, const Tensor& part, Tensor& grad) {
+      Tensor summed = part.sum(0);  // variable: (batch, n_groups, dstate, seqlen); else (dim, dstate)
+      grad.copy_(summed.view(grad.sizes()));
+    };
+    reduce_bc(b.fwd.B, pB, dB);
+    reduce_bc(b.fwd.C, pC, dC);
+#else
+    TORCH_CHECK(false, "selective_scan was built without CUDA");
+#endif
+  }
+  return {du, ddelta, dA, dB.to(B.scalar_type()), dC.to(C.scalar_type()), dD, dz, ddelta_bias, dinit};
+}
+
+}  // namespace
+}  // namespace selective_scan
+
+TORCH_LIBRARY(selective_scan, m) {
+  m.def(
+      "fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, Tensor? initial_state, bool delta_softplus) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, "
+      "Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, Tensor checkpoints, "
+      "bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(selective_scan, CPU, m) {
+  m.impl("fwd", &selective_scan::scan_fwd);
+  m.impl("bwd", &selective_scan::scan_bwd);
+}
+
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+TORCH_LIBRARY_IMPL(selective_scan, CUDA, m) {
+  m.impl("fwd", &selective_scan::scan_fwd);
+  m.impl("bwd", &selective_scan::scan_bwd);
+}
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "selective_scan native ops (registered under torch.ops.selective_scan) and build info";
+  m.attr("__version__") = SELECTIVE_SCAN_VERSION;
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.attr("cuda_archs") = selective_scan::scan_cuda_archs();
+#else
+  m.attr("with_cuda") = false;
+  m.attr("cuda_archs") = "";
+#endif
+  m.attr("checkpoint_chunk") = selective_scan::kCheckpointChunk;
+  m.attr("max_dstate") = selective_scan::kMaxDstate;
+}

@@ -1,0 +1,33 @@
+// Host entry points of the CUDA kernels (cuda/*.cu). Torch-free: the binding passes the params
+// structs, the current stream and buffers it allocated; nothing here allocates.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "../selective_scan.h"
+
+namespace selective_scan {
+
+// Channels of one row block of the backward, and so the number of partial dB/dC slices per group.
+int64_t scan_bwd_cuda_channel_blocks_per_group(const ScanParams& params);
+
+// Partial sums the backward writes; the binding reduces them (in a fixed order) into the gradients.
+struct ScanBwdPartials {
+  float* dB = nullptr;  // variable B: (channel_blocks_per_group, batch, n_groups, dstate, seqlen);
+                        // time-invariant B: (batch, dim, dstate)
+  float* dC = nullptr;  // likewise for C
+  float* dA = nullptr;  // (batch, dim, dstate)
+  float* dD = nullptr;  // (batch, dim)
+  float* ddelta_bias = nullptr;  // (batch, dim)
+};
+
+// Both launch on `stream` and check the launch; they throw std::runtime_error on a CUDA error.
+void scan_fwd_cuda(const ScanParams& params, cudaStream_t stream);
+// Writes du, ddelta, dz and dinitial_state of `params` and the partials; dA/dB/dC/dD/ddelta_bias
+// of `params` are unused.
+void scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream);
+
+// The compute capabilities the kernels were compiled for, e.g. "9.0".
+const char* scan_cuda_archs();
+
+}  // namespace selective_scan
