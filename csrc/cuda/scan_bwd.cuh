@@ -36,11 +36,11 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
-  float* s_d = s_u + s.cpb * kChunk;    // d, then d(loss)/d(delta) once a sub-chunk is done
-  float* s_du = s_d + s.cpb * kChunk;   // d * u, then d(loss)/du once a sub-chunk is done
-  float* s_dy = s_du + s.cpb * kChunk;  // dout * silu(z)
-  float* s_hck = s_dy + s.cpb * kChunk;
-  float* s_y = s_hck + L.hck;           // forward-recompute phase
+  float* s_d = s_u + s.cpb * kRow;    // d, then d(loss)/d(delta) once a sub-chunk is done
+  float* s_du = s_d + s.cpb * kRow;   // d * u, then d(loss)/du once a sub-chunk is done
+  float* s_dy = s_du + s.cpb * kRow;  // dout * silu(z)
+  float* s_hck = s_dy + s.cpb * kRow;
+  float* s_y = s_hck + L.hck;           // forward-recompute phase: outputs y [cpb][kRow]
   float* s_sA = s_y;                    // reverse phase: per-thread sums over states
   float* s_sB = s_sA + kSub * s.threads;
   float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        const int e = cc * kChunk + t + i;
+        const int e = cc * kRow + t + i;
         s_u[e] = uu[i];
         s_d[e] = dd[i];
         s_du[e] = dd[i] * uu[i];
@@ -132,9 +132,9 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
     if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
     __syncthreads();
 
-    const float* my_d = s_d + c * kChunk;
-    const float* my_du = s_du + c * kChunk;
-    const float* my_dy = s_dy + c * kChunk;
+    const float* my_d = s_d + c * kRow;
+    const float* my_du = s_du + c * kRow;
+    const float* my_dy = s_dy + c * kRow;
 
     // Forward recompute from the checkpoint: the state at each sub-chunk start, and (for dz) the
     // per-thread partial outputs.
@@ -167,7 +167,10 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
             h[j] = fmaf(fast_exp2(dt * A2[j]), h[j], dut * Bt[j]);
             if (z_base) y = fmaf(Ct[j], h[j], y);
           }
-          if (z_base) s_y[t * s.threads + tid] = y;
+          if (z_base) {
+            y = channel_sum(y, s.tpc);
+            if (q == 0) s_y[c * kRow + t] = y;
+          }
         }
       }
     }
@@ -186,10 +189,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
         load_vec(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned, go);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          const float* part = s_y + (t + i) * s.threads + cc * s.tpc;
-          float y = 0.f;
-          for (int r = 0; r < s.tpc; ++r) y += part[r];
-          y = fmaf(Dd, s_u[cc * kChunk + t + i], y);
+          const float y = fmaf(Dd, s_u[cc * kRow + t + i], s_y[cc * kRow + t + i]);
           const float sg = sigmoid(zz[i]);
           dz[i] = go[i] * y * sg * (1.f + zz[i] * (1.f - sg));
         }
@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
             sA += pa[r];
             sB += pb[r];
           }
-          const int e = c * kChunk + t;
+          const int e = c * kRow + t;
           const float dt = s_d[e], ut = s_u[e], dyt = s_dy[e];
           float ddt = fmaf(ut, sB, sA);
           if (p.delta_softplus) ddt *= -expm1f(-dt);
@@ -324,8 +324,8 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
       float a[kVec], b[kVec];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        a[i] = s_du[cc * kChunk + t + i];
-        b[i] = s_d[cc * kChunk + t + i];
+        a[i] = s_du[cc * kRow + t + i];
+        b[i] = s_d[cc * kRow + t + i];
       }
       store_vec(du_base + dc * bp.du.dim_stride + t0, t, len, f.grads_aligned, a);
       store_vec(ddelta_base + dc * bp.ddelta.dim_stride + t0, t, len, f.grads_aligned, b);

@@ -16,6 +16,9 @@ namespace cuda_detail {
 
 // Timesteps staged in shared memory at a time: one checkpoint chunk.
 constexpr int kChunk = static_cast<int>(kCheckpointChunk);
+// Row stride of per-channel staged arrays [channel][step]: one float of padding puts the rows of
+// the channels that a warp reads at the same step in different banks.
+constexpr int kRow = kChunk + 1;
 // The backward recomputes a chunk in sub-chunks of kSub steps held in registers.
 constexpr int kSub = 8;
 constexpr int kVec = 8;  // elements per vector load/store of a row segment
@@ -167,6 +170,13 @@ __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t 
   }
 }
 
+// Sum of x over the `tpc` consecutive lanes that share a channel (tpc a power of two <= 32);
+// every lane gets the same sum, formed in the same order on every run.
+__device__ __forceinline__ float channel_sum(float x, int tpc) {
+  for (int off = 1; off < tpc; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
 template <int N>
 __device__ __forceinline__ void load_smem(const float* src, float (&dst)[N]) {
   if constexpr (N % 4 == 0) {
@@ -193,16 +203,16 @@ __device__ __forceinline__ void store_smem(float* dst, const float (&src)[N]) {
   }
 }
 
-// Shared memory (floats): B and C tiles [kChunk][npad] each, u / d / d*u [cpb][kChunk] each,
-// the per-thread partial outputs [kChunk][threads].
+// Shared memory (floats): B and C tiles [kChunk][npad] each; u, d, d*u and the outputs y
+// [cpb][kRow] each.
 __host__ __device__ inline int fwd_smem_floats(const BlockShape& s) {
   const int npad = s.tpc * s.spt;
-  return 2 * kChunk * npad + 3 * s.cpb * kChunk + kChunk * s.threads;
+  return 2 * kChunk * npad + 4 * s.cpb * kRow;
 }
 
 // Floats of padding between channels in the dB/dC reduction buffer (keeps 16-byte alignment and
 // spreads channels over banks).
-constexpr int kRedPad = 4;
+constexpr int kRedPad = 16;
 
 struct BwdSmem {
   int npad, cstride, hck, region, total;
@@ -213,10 +223,10 @@ __host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
   l.npad = s.tpc * s.spt;
   l.cstride = kSub * l.npad + kRedPad;
   l.hck = (kChunk / kSub) * s.threads * s.spt;
-  const int fwd_part = kChunk * s.threads;
+  const int fwd_part = s.cpb * kRow;
   const int rev_part = 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
   l.region = fwd_part > rev_part ? fwd_part : rev_part;
-  l.total = 2 * kChunk * l.npad + 4 * s.cpb * kChunk + l.hck + l.region;
+  l.total = 2 * kChunk * l.npad + 4 * s.cpb * kRow + l.hck + l.region;
   return l;
 }
 

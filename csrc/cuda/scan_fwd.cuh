@@ -20,9 +20,9 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
-  float* s_d = s_u + s.cpb * kChunk;
-  float* s_du = s_d + s.cpb * kChunk;
-  float* s_y = s_du + s.cpb * kChunk;
+  float* s_d = s_u + s.cpb * kRow;
+  float* s_du = s_d + s.cpb * kRow;
+  float* s_y = s_du + s.cpb * kRow;
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
@@ -85,9 +85,9 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        s_u[cc * kChunk + t + i] = uu[i];
-        s_d[cc * kChunk + t + i] = dd[i];
-        s_du[cc * kChunk + t + i] = dd[i] * uu[i];
+        s_u[cc * kRow + t + i] = uu[i];
+        s_d[cc * kRow + t + i] = dd[i];
+        s_du[cc * kRow + t + i] = dd[i] * uu[i];
       }
     }
     if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
     __syncthreads();
 
     // The recurrence over the chunk, one exp per (step, state).
-    const float* my_d = s_d + c * kChunk;
-    const float* my_du = s_du + c * kChunk;
+    const float* my_d = s_d + c * kRow;
+    const float* my_du = s_du + c * kRow;
 #pragma unroll 4
     for (int t = 0; t < kChunk; ++t) {
       const float dt = my_d[t];
@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
         h[j] = fmaf(a, h[j], dut * Bt[j]);
         y = fmaf(Ct[j], h[j], y);
       }
-      s_y[t * s.threads + tid] = y;
+      y = channel_sum(y, s.tpc);
+      if (q == 0) s_y[c * kRow + t] = y;
     }
     __syncthreads();
 
@@ -139,12 +140,7 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
       const float Dd = D ? D[dc] : 0.f;
       float y[kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const float* part = s_y + (t + i) * s.threads + cc * s.tpc;
-        float acc = 0.f;
-        for (int r = 0; r < s.tpc; ++r) acc += part[r];
-        y[i] = fmaf(Dd, s_u[cc * kChunk + t + i], acc);
-      }
+      for (int i = 0; i < kVec; ++i) y[i] = fmaf(Dd, s_u[cc * kRow + t + i], s_y[cc * kRow + t + i]);
       if (z_base) {
         float zz[kVec];
         load_vec(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned, zz);
