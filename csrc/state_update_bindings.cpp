@@ -64,8 +64,12 @@ void check_row(const char* name, const Tensor& t, const Tensor& state, at::Scala
 Tensor check_bc(const char* name, const Tensor& t, const Tensor& state, at::ScalarType dtype) {
   check_device(name, t, state);
   const int64_t batch = state.size(0), dim = state.size(1), dstate = state.size(2);
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype || t.scalar_type() == at::kFloat, "state_update: ", name,
-                   ": expected dtype ", dtype, " (x's) or Float, got ", t.scalar_type());
+  if (dtype == at::kFloat) {
+    check_dtype(name, t, at::kFloat);
+  } else {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype || t.scalar_type() == at::kFloat, "state_update: ", name,
+                     ": expected dtype ", dtype, " (x's) or Float, got ", t.scalar_type());
+  }
   TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, "state_update: ", name,
                     ": expected shape (batch, dstate) or (batch, n_groups, dstate), got ", shape_of(t));
   if (t.dim() == 2) {
