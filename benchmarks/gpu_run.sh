@@ -23,10 +23,9 @@ rc=0
 for stage in "${stages[@]}"; do
   case "$stage" in
     quick)
-      for spt in auto 4 1; do
-        if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; args=(); else export SELECTIVE_SCAN_SPT=$spt; args=(--no-timing); fi
-        [ "$spt" != auto ] && args=()
-        python3 benchmarks/cuda_quickcheck.py --out "$OUT/quick_spt_$spt.json" "${args[@]}" 2>&1 | tee "$OUT/quick_spt_$spt.log" || rc=1
+      for spt in auto 4; do
+        if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; else export SELECTIVE_SCAN_SPT=$spt; fi
+        python3 benchmarks/cuda_quickcheck.py --out "$OUT/quick_spt_$spt.json" 2>&1 | tee "$OUT/quick_spt_$spt.log" || rc=1
       done
       unset SELECTIVE_SCAN_SPT ;;
     tests)

@@ -132,9 +132,9 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
     if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
     __syncthreads();
 
-    const float* my_d = s_d + c * kRow;
-    const float* my_du = s_du + c * kRow;
-    const float* my_dy = s_dy + c * kRow;
+    const float* __restrict__ my_d = s_d + c * kRow;
+    const float* __restrict__ my_du = s_du + c * kRow;
+    const float* __restrict__ my_dy = s_dy + c * kRow;
 
     // Forward recompute from the checkpoint: the state at each sub-chunk start, and (for dz) the
     // per-thread partial outputs.
@@ -144,6 +144,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
       for (int j = 0; j < kSPT; ++j) h[j] = (n0 + j < dstate) ? ckpt[k * dstate + n0 + j] : 0.f;
       for (int sub = 0; sub < kChunk / kSub; ++sub) {
         store_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h);
+        float ys[kSub];
 #pragma unroll
         for (int kk = 0; kk < kSub; ++kk) {
           const int t = sub * kSub + kk;
@@ -154,22 +155,24 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
 #pragma unroll
             for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
           }
-          if (z_base) {
-            if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
-            else {
+          if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
+          else {
 #pragma unroll
-              for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
-            }
+            for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
           }
           float y = 0.f;
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
             h[j] = fmaf(fast_exp2(dt * A2[j]), h[j], dut * Bt[j]);
-            if (z_base) y = fmaf(Ct[j], h[j], y);
+            y = fmaf(Ct[j], h[j], y);
           }
-          if (z_base) {
-            y = channel_sum(y, s.tpc);
-            if (q == 0) s_y[c * kRow + t] = y;
+          ys[kk] = y;
+        }
+        if (z_base) {
+          channel_sum_group(ys, s.tpc);
+          if (q == 0) {
+#pragma unroll
+            for (int kk = 0; kk < kSub; ++kk) s_y[c * kRow + sub * kSub + kk] = ys[kk];
           }
         }
       }
@@ -284,31 +287,48 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
           const int e = c * kRow + t;
           const float dt = s_d[e], ut = s_u[e], dyt = s_dy[e];
           float ddt = fmaf(ut, sB, sA);
-          if (p.delta_softplus) ddt *= -expm1f(-dt);
+          if (p.delta_softplus) ddt *= softplus_grad_from_value(dt);
           s_du[e] = fmaf(dyt, Dd, dt * sB);
           s_d[e] = ddt;
           dbias_acc += ddt;
           dD_acc = fmaf(dyt, ut, dD_acc);
         }
       }
-      // Channel sums of dB / dC for this sub-chunk, in channel order.
-      const int outs = kSub * dstate;
+      // Channel sums of dB / dC for this sub-chunk, in channel order, kW states at a time.
       if (p.B.is_variable || p.C.is_variable) {
-        for (int o = tid; o < outs; o += s.threads) {
-          const int n = o % dstate;
-          const int kk = o / dstate;
+        constexpr int kW = kSPT >= 4 ? 4 : 1;
+        const int groups = npad / kW;
+        for (int o = tid; o < kSub * groups; o += s.threads) {
+          const int n = (o % groups) * kW;
+          const int kk = o / groups;
           const int t = sub * kSub + kk;
-          if (t >= len) continue;
+          if (t >= len || n >= dstate) continue;
           const int off = kk * npad + n;
           if (p.B.is_variable) {
-            float acc = 0.f;
-            for (int cc = 0; cc < rows.valid; ++cc) acc += s_dBr[cc * L.cstride + off];
-            parts.dB[(((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate + n) * p.seqlen + t0 + t] = acc;
+            float acc[kW] = {};
+            for (int cc = 0; cc < rows.valid; ++cc) {
+              float v[kW];
+              load_smem<kW>(s_dBr + cc * L.cstride + off, v);
+#pragma unroll
+              for (int w = 0; w < kW; ++w) acc[w] += v[w];
+            }
+            float* dst = parts.dB + (((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate + n) * p.seqlen + t0 + t;
+#pragma unroll
+            for (int w = 0; w < kW; ++w)
+              if (n + w < dstate) dst[w * p.seqlen] = acc[w];
           }
           if (p.C.is_variable) {
-            float acc = 0.f;
-            for (int cc = 0; cc < rows.valid; ++cc) acc += s_dCr[cc * L.cstride + off];
-            parts.dC[(((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate + n) * p.seqlen + t0 + t] = acc;
+            float acc[kW] = {};
+            for (int cc = 0; cc < rows.valid; ++cc) {
+              float v[kW];
+              load_smem<kW>(s_dCr + cc * L.cstride + off, v);
+#pragma unroll
+              for (int w = 0; w < kW; ++w) acc[w] += v[w];
+            }
+            float* dst = parts.dC + (((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate + n) * p.seqlen + t0 + t;
+#pragma unroll
+            for (int w = 0; w < kW; ++w)
+              if (n + w < dstate) dst[w * p.seqlen] = acc[w];
           }
         }
       }

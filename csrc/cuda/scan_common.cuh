@@ -42,12 +42,27 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// torch's softplus with threshold 20.
-__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+// torch's softplus with threshold 20: max(x, 0) + log1p(exp(-|x|)), with log1p by its series
+// where the argument is small (the fast log loses relative accuracy near 1) and the fast log elsewhere.
+__device__ __forceinline__ float softplus(float x) {
+  if (x > 20.f) return x;
+  const float e = __expf(-fabsf(x));  // (0, 1]
+  float l;
+  if (e < 0.125f) {
+    l = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * (0.25f - e * (0.2f - e * (1.f / 6.f))))));
+  } else {
+    l = __logf(1.f + e);
+  }
+  return fmaxf(x, 0.f) + l;
+}
 
-// d softplus(x)/dx from d = softplus(x): sigmoid(x) = 1 - exp(-d) (exactly 1 above the threshold).
-__device__ __forceinline__ float softplus_grad_from_value(float x, float d) {
-  return x > 20.f ? 1.f : -expm1f(-d);
+// d softplus(x)/dx from d = softplus(x): sigmoid(x) = 1 - exp(-d) = -expm1(-d), by its series for
+// small d (exactly 1 above the threshold, where d = x > 20).
+__device__ __forceinline__ float softplus_grad_from_value(float d) {
+  if (d < 0.25f) {
+    return d * (1.f - d * (0.5f - d * (1.f / 6.f - d * (1.f / 24.f - d * (1.f / 120.f - d * (1.f / 720.f))))));
+  }
+  return d > 20.f ? 1.f : 1.f - __expf(-d);
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -175,6 +190,17 @@ __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t 
 __device__ __forceinline__ float channel_sum(float x, int tpc) {
   for (int off = 1; off < tpc; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
   return x;
+}
+
+// Steps whose per-thread outputs are reduced over a channel's threads together.
+constexpr int kGroup = 8;
+
+template <int N>
+__device__ __forceinline__ void channel_sum_group(float (&x)[N], int tpc) {
+  for (int off = 1; off < tpc; off <<= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] += __shfl_xor_sync(0xffffffffu, x[i], off);
+  }
 }
 
 template <int N>

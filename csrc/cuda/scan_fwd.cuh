@@ -101,33 +101,42 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
     }
     __syncthreads();
 
-    // The recurrence over the chunk, one exp per (step, state).
-    const float* my_d = s_d + c * kRow;
-    const float* my_du = s_du + c * kRow;
-#pragma unroll 4
-    for (int t = 0; t < kChunk; ++t) {
-      const float dt = my_d[t];
-      const float dut = my_du[t];
-      float Bt[kSPT], Ct[kSPT];
-      if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
-      else {
+    // The recurrence over the chunk, one exp per (step, state), in groups of kGroup steps whose
+    // outputs are summed over the channel's threads together (independent shuffles).
+    const float* __restrict__ my_d = s_d + c * kRow;
+    const float* __restrict__ my_du = s_du + c * kRow;
+    for (int t8 = 0; t8 < kChunk; t8 += kGroup) {
+      float ys[kGroup];
 #pragma unroll
-        for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
-      }
-      if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
-      else {
+      for (int i = 0; i < kGroup; ++i) {
+        const int t = t8 + i;
+        const float dt = my_d[t];
+        const float dut = my_du[t];
+        float Bt[kSPT], Ct[kSPT];
+        if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
+        else {
 #pragma unroll
-        for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
-      }
-      float y = 0.f;
+          for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
+        }
+        if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
+        else {
 #pragma unroll
-      for (int j = 0; j < kSPT; ++j) {
-        const float a = fast_exp2(dt * A2[j]);
-        h[j] = fmaf(a, h[j], dut * Bt[j]);
-        y = fmaf(Ct[j], h[j], y);
+          for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
+        }
+        float y = 0.f;
+#pragma unroll
+        for (int j = 0; j < kSPT; ++j) {
+          const float a = fast_exp2(dt * A2[j]);
+          h[j] = fmaf(a, h[j], dut * Bt[j]);
+          y = fmaf(Ct[j], h[j], y);
+        }
+        ys[i] = y;
       }
-      y = channel_sum(y, s.tpc);
-      if (q == 0) s_y[c * kRow + t] = y;
+      channel_sum_group(ys, s.tpc);
+      if (q == 0) {
+#pragma unroll
+        for (int i = 0; i < kGroup; ++i) s_y[c * kRow + t8 + i] = ys[i];
+      }
     }
     __syncthreads();
 
