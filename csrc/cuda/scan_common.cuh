@@ -192,6 +192,25 @@ __device__ __forceinline__ float channel_sum(float x, int tpc) {
   return x;
 }
 
+// Where a thread reads B (or C) at step t: src + t * step. A variable B is staged per chunk as a
+// [kChunk][npad] tile (step npad); a time-invariant one is written once into the same tile as
+// [channel][npad] rows (step 0), so the per-step read is the same branch-free load.
+template <typename input_t, int kSPT>
+__device__ __forceinline__ const float* bc_source(const BCParams& bc, float* tile, int64_t d, int c, int n0,
+                                                  int npad, int dstate, int& step) {
+  if (bc.is_variable) {
+    step = npad;
+    return tile + n0;
+  }
+#pragma unroll
+  for (int j = 0; j < kSPT; ++j) {
+    const int n = n0 + j;
+    tile[c * npad + n] = n < dstate ? load_bc<input_t>(bc, d * bc.dim_stride + n * bc.dstate_stride) : 0.f;
+  }
+  step = 0;
+  return tile + c * npad + n0;
+}
+
 // Steps whose per-thread outputs are reduced over a channel's threads together.
 constexpr int kGroup = 8;
 

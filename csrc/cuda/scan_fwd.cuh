@@ -34,20 +34,21 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
   const int dstate = static_cast<int>(p.dstate);
 
   // Per-thread constants: A * log2(e) (zero for padded states, so they stay zero), time-invariant B/C.
-  float A2[kSPT], B_const[kSPT], C_const[kSPT], h[kSPT];
+  float A2[kSPT], h[kSPT];
   const float* A = static_cast<const float*>(p.A);
 #pragma unroll
   for (int j = 0; j < kSPT; ++j) {
     const int n = n0 + j;
     const bool nv = n < dstate;
     A2[j] = nv ? A[d * dstate + n] * kLog2e : 0.f;
-    B_const[j] = (!p.B.is_variable && nv) ? load_bc<input_t>(p.B, d * p.B.dim_stride + n * p.B.dstate_stride) : 0.f;
-    C_const[j] = (!p.C.is_variable && nv) ? load_bc<input_t>(p.C, d * p.C.dim_stride + n * p.C.dstate_stride) : 0.f;
     h[j] = (nv && p.initial_state != nullptr)
                ? static_cast<const float*>(p.initial_state)[(rows.b * p.dim + d) * dstate + n]
                : 0.f;
   }
 
+  int Bstep, Cstep;
+  const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
+  const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
   const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
   const input_t* z_base = p.z.ptr ? static_cast<const input_t*>(p.z.ptr) + rows.b * p.z.batch_stride : nullptr;
@@ -113,16 +114,8 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
         const float dt = my_d[t];
         const float dut = my_du[t];
         float Bt[kSPT], Ct[kSPT];
-        if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
-        else {
-#pragma unroll
-          for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
-        }
-        if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
-        else {
-#pragma unroll
-          for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
-        }
+        load_smem<kSPT>(Bsrc + t * Bstep, Bt);
+        load_smem<kSPT>(Csrc + t * Cstep, Ct);
         float y = 0.f;
 #pragma unroll
         for (int j = 0; j < kSPT; ++j) {
