@@ -297,9 +297,9 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
     const c10::cuda::CUDAGuard guard(u.device());
     // Partial sums in fixed slots, reduced here in a fixed order: the backward is deterministic.
     auto f32 = u.options().dtype(at::kFloat);
-    const int64_t cbpg = scan_bwd_cuda_channel_blocks_per_group(b.fwd);
     auto bc_partial = [&](const BCParams& bc) {
-      return bc.is_variable ? at::empty({cbpg, p.batch, bc.n_groups, p.dstate, p.seqlen}, f32)
+      return bc.is_variable
+                 ? at::empty({scan_bwd_cuda_partial_slots(b.fwd, bc), p.batch, bc.n_groups, p.dstate, p.seqlen}, f32)
                             : at::empty({p.batch, p.dim, p.dstate}, f32);
     };
     Tensor pB = bc_partial(b.fwd.B), pC = bc_partial(b.fwd.C);
@@ -312,12 +312,9 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
     dA.copy_(pA.sum(0));
     dD.copy_(pD.sum(0));
     ddelta_bias.copy_(pbias.sum(0));
-    auto reduce_bc = [&](const BCParams& bc, const Tensor& part, Tensor& grad) {
-      Tensor summed = part.sum(0);  // variable: (batch, n_groups, dstate, seqlen); else (dim, dstate)
-      grad.copy_(summed.view(grad.sizes()));
-    };
-    reduce_bc(b.fwd.B, pB, dB);
-    reduce_bc(b.fwd.C, pC, dC);
+    // Variable: (batch, n_groups, dstate, seqlen), viewed as B's shape; time-invariant: (dim, dstate).
+    dB.copy_(pB.sum(0).view(dB.sizes()));
+    dC.copy_(pC.sum(0).view(dC.sizes()));
 #else
     TORCH_CHECK(false, "selective_scan was built without CUDA");
 #endif

@@ -5,6 +5,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define SELECTIVE_SCAN_HOST_DEVICE __host__ __device__
+#else
+#define SELECTIVE_SCAN_HOST_DEVICE
+#endif
+
 namespace selective_scan {
 
 // Element types a tensor may have. Compute is fp32 (fp64 when the inputs are fp64).
@@ -15,7 +21,7 @@ enum class ScalarKind : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFl
 constexpr int64_t kCheckpointChunk = 64;
 constexpr int64_t kMaxDstate = 256;
 
-inline int64_t num_checkpoints(int64_t seqlen) {
+SELECTIVE_SCAN_HOST_DEVICE inline int64_t num_checkpoints(int64_t seqlen) {
   return (seqlen + kCheckpointChunk - 1) / kCheckpointChunk;
 }
 

@@ -8,12 +8,13 @@
 
 namespace selective_scan {
 
-// Channels of one row block of the backward, and so the number of partial dB/dC slices per group.
-int64_t scan_bwd_cuda_channel_blocks_per_group(const ScanParams& params);
+// How many blocks of the backward write partial dB (or dC) slices for one group of a variable B
+// (or C): the leading size of that partial buffer.
+int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc);
 
 // Partial sums the backward writes; the binding reduces them (in a fixed order) into the gradients.
 struct ScanBwdPartials {
-  float* dB = nullptr;  // variable B: (channel_blocks_per_group, batch, n_groups, dstate, seqlen);
+  float* dB = nullptr;  // variable B: (partial_slots, batch, n_groups, dstate, seqlen);
                         // time-invariant B: (batch, dim, dstate)
   float* dC = nullptr;  // likewise for C
   float* dA = nullptr;  // (batch, dim, dstate)

@@ -1,0 +1,162 @@
+"""Quick CUDA check for kernel work: accuracy of the op against the float64 sequential reference on
+a grid of configurations (forward and every gradient), then CUDA-event timings of the anchor shapes.
+Prints a table and writes JSON (--out). Needs a GPU; the full test suite is tests/."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+from selective_scan import selective_scan, selective_scan_ref
+
+
+def rel_l2(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(batch, dim, seqlen, dstate, dtype, b_form="var", c_form="var", groups=1, z=True, D=True,
+                bias=True, init=False, device="cuda", delta_scale=1.0):
+    g = torch.Generator(device="cpu").manual_seed(1234 + seqlen + dstate + dim)
+
+    def rn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    def bc(form):
+        if form == "const":
+            return rn(dim, dstate).float()
+        if form == "var":
+            return rn(batch, dstate, seqlen).to(dtype)
+        return rn(batch, groups, dstate, seqlen).to(dtype)
+
+    inp = dict(
+        u=rn(batch, dim, seqlen).to(dtype),
+        delta=(rn(batch, dim, seqlen, scale=0.5) * delta_scale).to(dtype),
+        A=-torch.exp(rn(dim, dstate, scale=0.5)).float(),
+        B=bc(b_form), C=bc(c_form),
+        D=rn(dim).float() if D else None,
+        z=rn(batch, dim, seqlen).to(dtype) if z else None,
+        delta_bias=(rn(dim, scale=0.5) - 1.0).float() if bias else None,
+        initial_state=rn(batch, dim, dstate).float() if init else None,
+    )
+    return inp
+
+
+def check(cfg):
+    dtype = cfg.pop("dtype")
+    softplus = cfg.pop("softplus", True)
+    inp = make_inputs(dtype=dtype, **cfg)
+    names = [k for k, v in inp.items() if v is not None]
+    ours_in = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inp.items()}
+    ref_in = {k: (v.detach().double().requires_grad_(True) if v is not None else None) for k, v in inp.items()}
+    out, last = selective_scan(**ours_in, delta_softplus=softplus, return_last_state=True)
+    rout, rlast = selective_scan_ref(**ref_in, delta_softplus=softplus, return_last_state=True)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    dout = torch.randn(out.shape, generator=gen).to(out.device)
+    dlast = torch.randn(last.shape, generator=gen).to(out.device)
+    torch.autograd.backward([out, last], [dout.to(out.dtype), dlast])
+    torch.autograd.backward([rout, rlast], [dout.to(out.dtype).double(), dlast.double()])
+    errs = {"out": rel_l2(out, rout), "last_state": rel_l2(last, rlast)}
+    for k in names:
+        errs["d" + k] = rel_l2(ours_in[k].grad, ref_in[k].grad)
+    # Determinism: a second backward gives bitwise-identical gradients.
+    grads1 = [ours_in[k].grad.clone() for k in names]
+    for k in names:
+        ours_in[k].grad = None
+    out, last = selective_scan(**ours_in, delta_softplus=softplus, return_last_state=True)
+    torch.autograd.backward([out, last], [dout.to(out.dtype), dlast])
+    deterministic = all(torch.equal(a, ours_in[k].grad) for a, k in zip(grads1, names))
+    return errs, deterministic
+
+
+def bench(fn, reps=50):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) * 1000.0)
+    times.sort()
+    return statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5]
+
+
+def timing(shape, dtype):
+    batch, dim, seqlen, dstate = shape
+    inp = make_inputs(batch, dim, seqlen, dstate, dtype)
+    for k in ("u", "delta", "B", "C", "z", "D", "delta_bias", "A"):
+        inp[k].requires_grad_(True)
+    del inp["initial_state"]
+    fwd = lambda: selective_scan(**inp, delta_softplus=True)
+    med_f, p20_f, p80_f = bench(fwd)
+    out = fwd()
+    dout = torch.randn_like(out)
+    bwd = lambda: torch.autograd.grad(out, [inp[k] for k in ("u", "delta", "B", "C", "z", "D", "delta_bias", "A")],
+                                      dout, retain_graph=True)
+    med_b, p20_b, p80_b = bench(bwd)
+    return {"fwd_us": med_f, "fwd_p20": p20_f, "fwd_p80": p80_f, "bwd_us": med_b, "bwd_p20": p20_b, "bwd_p80": p80_b}
+
+
+CONFIGS = [
+    dict(batch=2, dim=8, seqlen=64, dstate=16, dtype=torch.float32),
+    dict(batch=2, dim=8, seqlen=1, dstate=16, dtype=torch.float32),
+    dict(batch=2, dim=40, seqlen=63, dstate=16, dtype=torch.float32, init=True),
+    dict(batch=2, dim=40, seqlen=200, dstate=16, dtype=torch.float32, z=False, D=False, bias=False, softplus=False),
+    dict(batch=1, dim=33, seqlen=130, dstate=5, dtype=torch.float32, init=True),
+    dict(batch=2, dim=16, seqlen=257, dstate=1, dtype=torch.float32),
+    dict(batch=2, dim=16, seqlen=100, dstate=64, dtype=torch.float32, init=True),
+    dict(batch=1, dim=8, seqlen=100, dstate=256, dtype=torch.float32, init=True),
+    dict(batch=1, dim=8, seqlen=70, dstate=200, dtype=torch.float32),
+    dict(batch=2, dim=24, seqlen=129, dstate=16, dtype=torch.float32, b_form="const", c_form="var"),
+    dict(batch=2, dim=24, seqlen=129, dstate=16, dtype=torch.float32, b_form="var", c_form="const"),
+    dict(batch=2, dim=24, seqlen=129, dstate=16, dtype=torch.float32, b_form="const", c_form="const", init=True),
+    dict(batch=2, dim=24, seqlen=129, dstate=16, dtype=torch.float32, b_form="group", c_form="group", groups=4),
+    dict(batch=2, dim=24, seqlen=129, dstate=16, dtype=torch.float32, b_form="group", c_form="var", groups=3),
+    dict(batch=2, dim=48, seqlen=1000, dstate=16, dtype=torch.bfloat16),
+    dict(batch=2, dim=48, seqlen=1000, dstate=16, dtype=torch.float16),
+    dict(batch=1, dim=4, seqlen=4100, dstate=16, dtype=torch.float32, init=True),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-timing", action="store_true")
+    args = ap.parse_args()
+    results = {"spt": os.environ.get("SELECTIVE_SCAN_SPT", "auto"), "gpu": torch.cuda.get_device_name(),
+               "checks": [], "timings": []}
+    worst_ok = True
+    for cfg in CONFIGS:
+        label = {k: (str(v).replace("torch.", "") if k == "dtype" else v) for k, v in cfg.items()}
+        fp32 = cfg["dtype"] == torch.float32
+        errs, det = check(dict(cfg))
+        tol = 1e-5 if fp32 else 2e-2
+        ok = det and all(e <= tol for e in errs.values())
+        worst_ok &= ok
+        results["checks"].append({"cfg": label, "errs": errs, "deterministic": det, "ok": ok})
+        print(("OK  " if ok else "BAD ") + json.dumps(label) + " det=" + str(det) + " max=" +
+              f"{max(errs.values()):.2e} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    if not args.no_timing:
+        for shape in [(8, 1536, 2048, 16), (4, 5120, 2048, 16), (1, 2048, 16384, 16), (16, 4096, 1024, 16),
+                      (8, 1536, 2048, 64)]:
+            for dtype in (torch.bfloat16, torch.float32):
+                if dtype == torch.float32 and shape != (8, 1536, 2048, 16):
+                    continue
+                t = timing(shape, dtype)
+                results["timings"].append({"shape": shape, "dtype": str(dtype), **t})
+                print(f"TIME {shape} {dtype}: fwd {t['fwd_us']:.0f} us, bwd {t['bwd_us']:.0f} us", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    print("ALL OK" if worst_ok else "SOME CHECKS FAILED")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build the extension (sm_90, timed), then run the selected stages:
+#   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice)
+#   tests  - the CUDA tests (pytest -m cuda)
+#   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
+# Usage: bash benchmarks/gpu_run.sh [stage ...]   (default: tests bench). Logs and JSON go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/selective_scan_gpu}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests bench)
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+start=$(date +%s.%N)
+if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; exit 1
+fi
+echo "build_seconds=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee "$OUT/build_time.txt"
+python3 -c "import selective_scan, torch; print(selective_scan.build_info(), torch.__version__, torch.version.cuda)"
+
+rc=0
+for stage in "${stages[@]}"; do
+  case "$stage" in
+    quick)
+      for spt in auto 4 1; do
+        if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; args=(); else export SELECTIVE_SCAN_SPT=$spt; args=(--no-timing); fi
+        [ "$spt" != auto ] && args=()
+        python3 benchmarks/cuda_quickcheck.py --out "$OUT/quick_spt_$spt.json" "${args[@]}" 2>&1 | tee "$OUT/quick_spt_$spt.log" || rc=1
+      done
+      unset SELECTIVE_SCAN_SPT ;;
+    tests)
+      python3 -m pytest tests -m cuda -q -x --durations=15 2>&1 | tee "$OUT/tests_cuda.log"; rc=$((rc | PIPESTATUS[0])) ;;
+    bench)
+      python3 benchmarks/bench_scan.py --device cuda --out "$OUT/bench_h200.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    *)
+      echo "unknown stage $stage"; rc=1 ;;
+  esac
+done
+exit $rc

@@ -1,0 +1,392 @@
+// The backward CUDA kernel: the same block layout as the forward, walking the chunks in reverse.
+// Per chunk it recomputes the states from the forward's checkpoint (keeping the state at every
+// kSub-step boundary in shared memory), then per sub-chunk recomputes kSub states and decays into
+// registers and runs the adjoint recurrence backwards. Channel sums (dB, dC of variable B/C) are
+// reduced in shared memory in a fixed order and written as per-block partials: no atomics, so the
+// result is bitwise deterministic. docs/design.md has the math.
+#pragma once
+
+#include "../cuda/scan_cuda.h"
+#include "scan_common.cuh"
+
+namespace selective_scan {
+namespace cuda_detail {
+
+struct BwdFlags {
+  bool u_aligned, delta_aligned, z_aligned, dout_aligned;  // inputs
+  bool grads_aligned;                                      // du, ddelta, dz (contiguous outputs)
+};
+
+// Slot of this block among the blocks that write partial sums for one group of B (or C).
+__device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const BlockShape& s, const BCParams& bc,
+                                                const BlockRows& r) {
+  const int64_t segs_per_group = s.segments / bc.n_groups;
+  const int64_t seg = (r.d0 / s.seg_dim);
+  return (seg % segs_per_group) * s.blocks_per_seg + r.cb;
+}
+
+template <typename input_t, int kSPT>
+__global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
+                                const ScanBwdPartials parts) {
+  const ScanParams& p = bp.fwd;
+  extern __shared__ float4 smem_b4[];
+  float* smem = reinterpret_cast<float*>(smem_b4);
+  const BwdSmem L = bwd_smem_layout(BlockShape{kSPT, s.tpc, s.cpb, s.threads});
+  const int npad = L.npad;
+  float* s_B = smem;
+  float* s_C = s_B + kChunk * npad;
+  float* s_u = s_C + kChunk * npad;
+  float* s_d = s_u + s.cpb * kChunk;    // d, then d(loss)/d(delta) once a sub-chunk is done
+  float* s_du = s_d + s.cpb * kChunk;   // d * u, then d(loss)/du once a sub-chunk is done
+  float* s_dy = s_du + s.cpb * kChunk;  // dout * silu(z)
+  float* s_hck = s_dy + s.cpb * kChunk;
+  float* s_y = s_hck + L.hck;           // forward-recompute phase
+  float* s_sA = s_y;                    // reverse phase: per-thread sums over states
+  float* s_sB = s_sA + kSub * s.threads;
+  float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
+  float* s_dCr = s_dBr + s.cpb * L.cstride;
+
+  const BlockRows rows = block_rows(p, s);
+  const int tid = threadIdx.x;
+  const int c = tid / s.tpc;
+  const int q = tid % s.tpc;
+  const int n0 = q * kSPT;
+  const bool c_valid = c < rows.valid;
+  const int64_t d = rows.d0 + (c_valid ? c : 0);
+  const int dstate = static_cast<int>(p.dstate);
+  const int64_t row = rows.b * p.dim + d;
+
+  float A2[kSPT], Af[kSPT], B_const[kSPT], C_const[kSPT];
+  float G[kSPT];  // exp(d_{t+1} A) g_{t+1}: the adjoint carried into step t
+  float dA_acc[kSPT], dB_acc[kSPT], dC_acc[kSPT];
+  const float* A = static_cast<const float*>(p.A);
+#pragma unroll
+  for (int j = 0; j < kSPT; ++j) {
+    const int n = n0 + j;
+    const bool nv = n < dstate;
+    Af[j] = nv ? A[d * dstate + n] : 0.f;
+    A2[j] = Af[j] * kLog2e;
+    B_const[j] = (!p.B.is_variable && nv) ? load_bc<input_t>(p.B, d * p.B.dim_stride + n * p.B.dstate_stride) : 0.f;
+    C_const[j] = (!p.C.is_variable && nv) ? load_bc<input_t>(p.C, d * p.C.dim_stride + n * p.C.dstate_stride) : 0.f;
+    G[j] = (nv && bp.dlast_state != nullptr) ? static_cast<const float*>(bp.dlast_state)[row * dstate + n] : 0.f;
+    dA_acc[j] = dB_acc[j] = dC_acc[j] = 0.f;
+  }
+  float dD_acc = 0.f, dbias_acc = 0.f;
+
+  const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
+  const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
+  const input_t* z_base = p.z.ptr ? static_cast<const input_t*>(p.z.ptr) + rows.b * p.z.batch_stride : nullptr;
+  const input_t* dout_base = static_cast<const input_t*>(bp.dout.ptr) + rows.b * bp.dout.batch_stride;
+  input_t* du_base = static_cast<input_t*>(bp.du.ptr) + rows.b * bp.du.batch_stride;
+  input_t* ddelta_base = static_cast<input_t*>(bp.ddelta.ptr) + rows.b * bp.ddelta.batch_stride;
+  input_t* dz_base = bp.dz.ptr ? static_cast<input_t*>(bp.dz.ptr) + rows.b * bp.dz.batch_stride : nullptr;
+  const float* D = static_cast<const float*>(p.D);
+  const float* delta_bias = static_cast<const float*>(p.delta_bias);
+  const int64_t n_chunks = num_checkpoints(p.seqlen);
+  const float* ckpt = static_cast<const float*>(bp.checkpoints) + row * n_chunks * dstate;
+  const int vecs = s.cpb * (kChunk / kVec);
+  const int64_t slotB = p.B.is_variable ? partial_slot(p, s, p.B, rows) : 0;
+  const int64_t slotC = p.C.is_variable ? partial_slot(p, s, p.C, rows) : 0;
+
+  for (int64_t k = n_chunks - 1; k >= 0; --k) {
+    const int64_t t0 = k * kChunk;
+    const int len = static_cast<int>(p.seqlen - t0 < kChunk ? p.seqlen - t0 : kChunk);
+
+    // Stage u, d, d * u and dy = dout * silu(z); zeros past the end make padded steps inert.
+    for (int v = tid; v < vecs; v += s.threads) {
+      const int cc = v / (kChunk / kVec);
+      const int t = (v % (kChunk / kVec)) * kVec;
+      float uu[kVec], dd[kVec], dy[kVec];
+      if (cc < rows.valid) {
+        const int64_t dc = rows.d0 + cc;
+        load_vec(u_base + dc * p.u.dim_stride + t0, t, len, f.u_aligned, uu);
+        load_vec(delta_base + dc * p.delta.dim_stride + t0, t, len, f.delta_aligned, dd);
+        load_vec(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned, dy);
+        if (z_base) {
+          float zz[kVec];
+          load_vec(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned, zz);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) dy[i] *= zz[i] * sigmoid(zz[i]);
+        }
+        const float bias = delta_bias ? delta_bias[dc] : 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          float x = dd[i] + bias;
+          if (p.delta_softplus) x = softplus(x);
+          dd[i] = t + i < len ? x : 0.f;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) uu[i] = dd[i] = dy[i] = 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        const int e = cc * kChunk + t + i;
+        s_u[e] = uu[i];
+        s_d[e] = dd[i];
+        s_du[e] = dd[i] * uu[i];
+        s_dy[e] = dy[i];
+      }
+    }
+    if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
+    if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+    __syncthreads();
+
+    const float* my_d = s_d + c * kChunk;
+    const float* my_du = s_du + c * kChunk;
+    const float* my_dy = s_dy + c * kChunk;
+
+    // Forward recompute from the checkpoint: the state at each sub-chunk start, and (for dz) the
+    // per-thread partial outputs.
+    {
+      float h[kSPT];
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) h[j] = (n0 + j < dstate) ? ckpt[k * dstate + n0 + j] : 0.f;
+      for (int sub = 0; sub < kChunk / kSub; ++sub) {
+        store_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h);
+#pragma unroll
+        for (int kk = 0; kk < kSub; ++kk) {
+          const int t = sub * kSub + kk;
+          const float dt = my_d[t], dut = my_du[t];
+          float Bt[kSPT], Ct[kSPT];
+          if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
+          else {
+#pragma unroll
+            for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
+          }
+          if (z_base) {
+            if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
+            else {
+#pragma unroll
+              for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
+            }
+          }
+          float y = 0.f;
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) {
+            h[j] = fmaf(fast_exp2(dt * A2[j]), h[j], dut * Bt[j]);
+            if (z_base) y = fmaf(Ct[j], h[j], y);
+          }
+          if (z_base) s_y[t * s.threads + tid] = y;
+        }
+      }
+    }
+    __syncthreads();
+
+    // dz = dout * y * silu'(z), with y the output before gating.
+    if (z_base) {
+      for (int v = tid; v < vecs; v += s.threads) {
+        const int cc = v / (kChunk / kVec);
+        const int t = (v % (kChunk / kVec)) * kVec;
+        if (cc >= rows.valid || t >= len) continue;
+        const int64_t dc = rows.d0 + cc;
+        const float Dd = D ? D[dc] : 0.f;
+        float zz[kVec], go[kVec], dz[kVec];
+        load_vec(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned, zz);
+        load_vec(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned, go);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const float* part = s_y + (t + i) * s.threads + cc * s.tpc;
+          float y = 0.f;
+          for (int r = 0; r < s.tpc; ++r) y += part[r];
+          y = fmaf(Dd, s_u[cc * kChunk + t + i], y);
+          const float sg = sigmoid(zz[i]);
+          dz[i] = go[i] * y * sg * (1.f + zz[i] * (1.f - sg));
+        }
+        store_vec(dz_base + dc * bp.dz.dim_stride + t0, t, len, f.grads_aligned, dz);
+      }
+      __syncthreads();
+    }
+
+    // Reverse through the sub-chunks.
+    for (int sub = kChunk / kSub - 1; sub >= 0; --sub) {
+      float hs[kSub][kSPT], as[kSub][kSPT], h0[kSPT];
+      load_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h0);
+      {
+        float h[kSPT];
+#pragma unroll
+        for (int j = 0; j < kSPT; ++j) h[j] = h0[j];
+#pragma unroll
+        for (int kk = 0; kk < kSub; ++kk) {
+          const int t = sub * kSub + kk;
+          const float dt = my_d[t], dut = my_du[t];
+          float Bt[kSPT];
+          if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
+          else {
+#pragma unroll
+            for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
+          }
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) {
+            as[kk][j] = fast_exp2(dt * A2[j]);
+            h[j] = fmaf(as[kk][j], h[j], dut * Bt[j]);
+            hs[kk][j] = h[j];
+          }
+        }
+      }
+#pragma unroll
+      for (int kk = kSub - 1; kk >= 0; --kk) {
+        const int t = sub * kSub + kk;
+        const float dt = my_d[t], dut = my_du[t], dyt = my_dy[t];
+        float Bt[kSPT], Ct[kSPT];
+        if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
+        else {
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
+        }
+        if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
+        else {
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
+        }
+        float sA = 0.f, sB = 0.f, dBt[kSPT], dCt[kSPT];
+#pragma unroll
+        for (int j = 0; j < kSPT; ++j) {
+          const float g = fmaf(dyt, Ct[j], G[j]);        // g_t = C_t dy_t + a_{t+1} g_{t+1}
+          const float hprev = kk > 0 ? hs[kk - 1][j] : h0[j];
+          const float ag = as[kk][j] * g;
+          const float qv = ag * hprev;                     // g_t a_t h_{t-1}
+          dA_acc[j] = fmaf(qv, dt, dA_acc[j]);
+          sA = fmaf(Af[j], qv, sA);
+          sB = fmaf(g, Bt[j], sB);
+          dBt[j] = g * dut;
+          dCt[j] = dyt * hs[kk][j];
+          G[j] = ag;
+        }
+        s_sA[kk * s.threads + tid] = sA;
+        s_sB[kk * s.threads + tid] = sB;
+        if (p.B.is_variable) store_smem<kSPT>(s_dBr + c * L.cstride + kk * npad + n0, dBt);
+        else {
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) dB_acc[j] += dBt[j];
+        }
+        if (p.C.is_variable) store_smem<kSPT>(s_dCr + c * L.cstride + kk * npad + n0, dCt);
+        else {
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) dC_acc[j] += dCt[j];
+        }
+      }
+      __syncthreads();
+
+      // Per (channel, step): du and ddelta from the sums over states, in place of d * u and d.
+      if (c_valid) {
+        const float Dd = D ? D[d] : 0.f;
+        for (int kk = q; kk < kSub; kk += s.tpc) {
+          const int t = sub * kSub + kk;
+          if (t >= len) continue;
+          const float* pa = s_sA + kk * s.threads + c * s.tpc;
+          const float* pb = s_sB + kk * s.threads + c * s.tpc;
+          float sA = 0.f, sB = 0.f;
+          for (int r = 0; r < s.tpc; ++r) {
+            sA += pa[r];
+            sB += pb[r];
+          }
+          const int e = c * kChunk + t;
+          const float dt = s_d[e], ut = s_u[e], dyt = s_dy[e];
+          float ddt = fmaf(ut, sB, sA);
+          if (p.delta_softplus) ddt *= -expm1f(-dt);
+          s_du[e] = fmaf(dyt, Dd, dt * sB);
+          s_d[e] = ddt;
+          dbias_acc += ddt;
+          dD_acc = fmaf(dyt, ut, dD_acc);
+        }
+      }
+      // Channel sums of dB / dC for this sub-chunk, in channel order.
+      const int outs = kSub * dstate;
+      if (p.B.is_variable || p.C.is_variable) {
+        for (int o = tid; o < outs; o += s.threads) {
+          const int n = o % dstate;
+          const int kk = o / dstate;
+          const int t = sub * kSub + kk;
+          if (t >= len) continue;
+          const int off = kk * npad + n;
+          if (p.B.is_variable) {
+            float acc = 0.f;
+            for (int cc = 0; cc < rows.valid; ++cc) acc += s_dBr[cc * L.cstride + off];
+            parts.dB[(((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate + n) * p.seqlen + t0 + t] = acc;
+          }
+          if (p.C.is_variable) {
+            float acc = 0.f;
+            for (int cc = 0; cc < rows.valid; ++cc) acc += s_dCr[cc * L.cstride + off];
+            parts.dC[(((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate + n) * p.seqlen + t0 + t] = acc;
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    // Store du and ddelta of the chunk.
+    for (int v = tid; v < vecs; v += s.threads) {
+      const int cc = v / (kChunk / kVec);
+      const int t = (v % (kChunk / kVec)) * kVec;
+      if (cc >= rows.valid || t >= len) continue;
+      const int64_t dc = rows.d0 + cc;
+      float a[kVec], b[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        a[i] = s_du[cc * kChunk + t + i];
+        b[i] = s_d[cc * kChunk + t + i];
+      }
+      store_vec(du_base + dc * bp.du.dim_stride + t0, t, len, f.grads_aligned, a);
+      store_vec(ddelta_base + dc * bp.ddelta.dim_stride + t0, t, len, f.grads_aligned, b);
+    }
+    __syncthreads();
+  }
+
+  // Per-row results: the initial-state gradient is the adjoint carried past step 0.
+  if (c_valid) {
+#pragma unroll
+    for (int j = 0; j < kSPT; ++j) {
+      const int n = n0 + j;
+      if (n >= dstate) continue;
+      static_cast<float*>(bp.dinitial_state)[row * dstate + n] = G[j];
+      parts.dA[row * dstate + n] = dA_acc[j];
+      if (!p.B.is_variable) parts.dB[row * dstate + n] = dB_acc[j];
+      if (!p.C.is_variable) parts.dC[row * dstate + n] = dC_acc[j];
+    }
+  }
+  // dD and d(delta_bias): sum the channel's threads (consecutive lanes) in a fixed order.
+  for (int off = 1; off < s.tpc; off <<= 1) {
+    dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, off);
+    dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, off);
+  }
+  if (c_valid && q == 0) {
+    parts.dD[row] = dD_acc;
+    parts.ddelta_bias[row] = dbias_acc;
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace selective_scan
+
+#include "scan_launch.cuh"
+
+namespace selective_scan {
+namespace cuda_detail {
+
+template <typename input_t>
+void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, const BlockShape& s,
+                     cudaStream_t stream) {
+  const ScanParams& p = bp.fwd;
+  const int esize = sizeof(input_t);
+  const BwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
+                   p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(bp.dout, esize),
+                   rows_aligned(bp.du, esize) && rows_aligned(bp.ddelta, esize) &&
+                       (bp.dz.ptr == nullptr || rows_aligned(bp.dz, esize))};
+  const int smem = bwd_smem_layout(s).total * static_cast<int>(sizeof(float));
+  const dim3 grid(static_cast<unsigned>(grid_blocks(p, s)));
+  auto launch = [&](auto kernel) {
+    set_smem(kernel, smem);
+    kernel<<<grid, s.threads, smem, stream>>>(bp, s, f, parts);
+    check_cuda(cudaGetLastError(), "scan_bwd_kernel launch");
+  };
+  switch (s.spt) {
+    case 1: launch(scan_bwd_kernel<input_t, 1>); break;
+    case 4: launch(scan_bwd_kernel<input_t, 4>); break;
+    case 8: launch(scan_bwd_kernel<input_t, 8>); break;
+    default: throw std::runtime_error("selective_scan: unsupported states per thread");
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace selective_scan

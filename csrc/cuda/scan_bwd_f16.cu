@@ -1,0 +1,8 @@
+// The bwd kernels for f16 inputs: one translation unit per (direction, dtype) so builds run in parallel.
+#include "scan_bwd.cuh"
+
+namespace selective_scan {
+namespace cuda_detail {
+template void launch_scan_bwd<__half>(const ScanBwdParams&, const ScanBwdPartials&, const BlockShape&, cudaStream_t);
+}  // namespace cuda_detail
+}  // namespace selective_scan

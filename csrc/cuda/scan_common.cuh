@@ -1,0 +1,230 @@
+// Device helpers shared by the forward and backward CUDA kernels: element conversion, row-segment
+// loads and stores, the block layout (which thread owns which channel and states) and the math
+// primitives. Torch-free; see docs/design.md for the algorithm.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../selective_scan.h"
+
+namespace selective_scan {
+namespace cuda_detail {
+
+// Timesteps staged in shared memory at a time: one checkpoint chunk.
+constexpr int kChunk = static_cast<int>(kCheckpointChunk);
+// The backward recomputes a chunk in sub-chunks of kSub steps held in registers.
+constexpr int kSub = 8;
+constexpr int kVec = 8;  // elements per vector load/store of a row segment
+constexpr float kLog2e = 1.4426950408889634f;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// 2^x on the special-function unit (flushes denormal results to zero, which is harmless here).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// torch's softplus with threshold 20.
+__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+
+// d softplus(x)/dx from d = softplus(x): sigmoid(x) = 1 - exp(-d) (exactly 1 above the threshold).
+__device__ __forceinline__ float softplus_grad_from_value(float x, float d) {
+  return x > 20.f ? 1.f : -expm1f(-d);
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// Loads elements [t, t + kVec) of a row into out (zeros past `len`). `aligned` says the row start
+// is 16-byte aligned, so that a full segment can use 16-byte loads.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* row, int t, int len, bool aligned, float (&out)[kVec]) {
+  if (aligned && t + kVec <= len) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 a = *reinterpret_cast<const float4*>(row + t);
+      const float4 b = *reinterpret_cast<const float4*>(row + t + 4);
+      out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+      out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    } else {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + t);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) out[i] = to_float(e[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) out[i] = t + i < len ? to_float(row[t + i]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* row, int t, int len, bool aligned, const float (&v)[kVec]) {
+  if (aligned && t + kVec <= len) {
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float4*>(row + t) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(row + t + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) e[i] = from_float<T>(v[i]);
+      *reinterpret_cast<uint4*>(row + t) = raw;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kVec; ++i)
+      if (t + i < len) row[t + i] = from_float<T>(v[i]);
+  }
+}
+
+// Element (b, g, n, t) of variable B/C, or (d, n) of time-invariant B/C, as float.
+template <typename input_t>
+__device__ __forceinline__ float load_bc(const BCParams& bc, int64_t offset) {
+  return bc.type == ScalarKind::kFloat32 ? static_cast<const float*>(bc.ptr)[offset]
+                                         : to_float(static_cast<const input_t*>(bc.ptr)[offset]);
+}
+
+// Which threads own which channels and states. A block handles `cpb` channels of one batch row,
+// all in one group of B and of C; `tpc` consecutive threads share a channel, each holding `spt`
+// consecutive states, so the padded state count is tpc * spt >= dstate.
+struct BlockShape {
+  int spt = 4;      // states per thread (the kernel's template argument)
+  int tpc = 4;      // threads per channel (a power of two <= 32)
+  int cpb = 32;     // channels per block
+  int threads = 128;
+  int64_t segments = 1;     // channel ranges within which B's and C's groups are constant
+  int64_t seg_dim = 1;      // channels per segment
+  int64_t blocks_per_seg = 1;
+  int smem_bytes = 0;
+};
+
+// The channel range and batch row of this block.
+struct BlockRows {
+  int64_t b, d0;   // batch row, first channel
+  int valid;       // channels of this block that exist (the last block of a segment may be short)
+  int64_t cb;      // block index within the segment
+  int64_t gB, gC;  // groups of B and C (0 when time-invariant)
+};
+
+__device__ __forceinline__ BlockRows block_rows(const ScanParams& p, const BlockShape& s) {
+  BlockRows r;
+  int64_t blk = blockIdx.x;
+  r.cb = blk % s.blocks_per_seg;
+  blk /= s.blocks_per_seg;
+  const int64_t seg = blk % s.segments;
+  r.b = blk / s.segments;
+  const int64_t first_in_seg = r.cb * s.cpb;
+  r.d0 = seg * s.seg_dim + first_in_seg;
+  const int64_t left = s.seg_dim - first_in_seg;
+  r.valid = left < s.cpb ? static_cast<int>(left) : s.cpb;
+  r.gB = p.B.is_variable ? r.d0 / (p.dim / p.B.n_groups) : 0;
+  r.gC = p.C.is_variable ? r.d0 / (p.dim / p.C.n_groups) : 0;
+  return r;
+}
+
+// Stages variable B or C for timesteps [t0, t0 + kChunk) as fp32 dst[t * npad + n] (zeros past
+// the sequence end and for padded states).
+template <typename input_t>
+__device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t g, int64_t t0, int len,
+                                         int dstate, int npad, float* dst) {
+  const int64_t base = b * bc.batch_stride + g * bc.group_stride + t0;
+  const int vecs = npad * (kChunk / kVec);
+  for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
+    const int n = v / (kChunk / kVec);
+    const int t = (v % (kChunk / kVec)) * kVec;
+    float vals[kVec];
+    if (n < dstate) {
+      const int64_t off = base + n * bc.dstate_stride;
+      // 16-byte loads need an aligned element offset; checked per segment.
+      const bool fp32 = bc.type == ScalarKind::kFloat32;
+      const int esize = fp32 ? 4 : 2;
+      const bool aligned = ((reinterpret_cast<uintptr_t>(bc.ptr) + (off + t) * esize) & 15) == 0;
+      if (fp32) {
+        load_vec(static_cast<const float*>(bc.ptr) + off, t, len, aligned, vals);
+      } else {
+        load_vec(static_cast<const input_t*>(bc.ptr) + off, t, len, aligned, vals);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) vals[i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = vals[i];
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void load_smem(const float* src, float (&dst)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(src + i);
+      dst[i] = v.x; dst[i + 1] = v.y; dst[i + 2] = v.z; dst[i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = src[i];
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void store_smem(float* dst, const float (&src)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4)
+      *reinterpret_cast<float4*>(dst + i) = make_float4(src[i], src[i + 1], src[i + 2], src[i + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = src[i];
+  }
+}
+
+// Shared memory (floats): B and C tiles [kChunk][npad] each, u / d / d*u [cpb][kChunk] each,
+// the per-thread partial outputs [kChunk][threads].
+__host__ __device__ inline int fwd_smem_floats(const BlockShape& s) {
+  const int npad = s.tpc * s.spt;
+  return 2 * kChunk * npad + 3 * s.cpb * kChunk + kChunk * s.threads;
+}
+
+// Floats of padding between channels in the dB/dC reduction buffer (keeps 16-byte alignment and
+// spreads channels over banks).
+constexpr int kRedPad = 4;
+
+struct BwdSmem {
+  int npad, cstride, hck, region, total;
+};
+
+__host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
+  BwdSmem l;
+  l.npad = s.tpc * s.spt;
+  l.cstride = kSub * l.npad + kRedPad;
+  l.hck = (kChunk / kSub) * s.threads * s.spt;
+  const int fwd_part = kChunk * s.threads;
+  const int rev_part = 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
+  l.region = fwd_part > rev_part ? fwd_part : rev_part;
+  l.total = 2 * kChunk * l.npad + 4 * s.cpb * kChunk + l.hck + l.region;
+  return l;
+}
+
+// Row-segment alignment: a (batch, dim, seqlen) tensor's rows all start 16-byte aligned.
+inline bool rows_aligned(const RowTensor& r, int esize) {
+  return (reinterpret_cast<uintptr_t>(r.ptr) % 16 == 0) && ((r.batch_stride * esize) % 16 == 0) &&
+         ((r.dim_stride * esize) % 16 == 0);
+}
+
+}  // namespace cuda_detail
+}  // namespace selective_scan

@@ -1,0 +1,106 @@
+// Host entry points of the CUDA scan: choose the block shape for a problem, dispatch on the input
+// dtype to the per-dtype launchers, report the compiled archs.
+#include <cstdlib>
+#include <numeric>
+
+#include "scan_launch.cuh"
+
+namespace selective_scan {
+namespace cuda_detail {
+namespace {
+
+int next_pow2(int x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+int max_smem_per_block() {
+  static const int bytes = [] {
+    int dev = 0, value = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    return value;
+  }();
+  return bytes;
+}
+
+// States per thread: SELECTIVE_SCAN_SPT (1, 4 or 8) overrides the choice, for tuning.
+int states_per_thread(const ScanParams& p) {
+  const int n = static_cast<int>(p.dstate);
+  if (n > 128) return 8;
+  static const int forced = [] {
+    const char* env = std::getenv("SELECTIVE_SCAN_SPT");
+    return env ? std::atoi(env) : 0;
+  }();
+  if (forced == 4 || (forced == 1 && n <= 32)) return forced;
+  // One state per thread multiplies the threads by up to 4: worth it when rows are few.
+  const int64_t threads4 = p.batch * p.dim * next_pow2((n + 3) / 4);
+  return (n <= 32 && threads4 < 65536) ? 1 : 4;
+}
+
+enum class Direction { kForward, kBackward };
+
+BlockShape block_shape(const ScanParams& p, Direction dir) {
+  BlockShape s;
+  s.spt = states_per_thread(p);
+  s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
+  s.cpb = std::max(1, std::min(32, 128 / s.tpc));
+  const int64_t gB = p.B.is_variable ? p.B.n_groups : 1;
+  const int64_t gC = p.C.is_variable ? p.C.n_groups : 1;
+  s.segments = std::lcm(gB, gC);
+  s.seg_dim = p.dim / s.segments;
+  const int limit = max_smem_per_block();
+  for (;;) {
+    s.threads = s.cpb * s.tpc;
+    const int floats = dir == Direction::kForward ? fwd_smem_floats(s) : bwd_smem_layout(s).total;
+    s.smem_bytes = floats * static_cast<int>(sizeof(float));
+    if (s.smem_bytes <= limit || s.cpb == 1) break;
+    s.cpb /= 2;
+  }
+  if (s.smem_bytes > limit) throw std::runtime_error("selective_scan: dstate needs more shared memory than the GPU has");
+  s.blocks_per_seg = (s.seg_dim + s.cpb - 1) / s.cpb;
+  return s;
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+using namespace cuda_detail;
+
+int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc) {
+  const BlockShape s = block_shape(params, Direction::kBackward);
+  return (s.segments / bc.n_groups) * s.blocks_per_seg;
+}
+
+void scan_fwd_cuda(const ScanParams& params, cudaStream_t stream) {
+  const BlockShape s = block_shape(params, Direction::kForward);
+  switch (params.input_type) {
+    case ScalarKind::kFloat32: launch_scan_fwd<float>(params, s, stream); break;
+    case ScalarKind::kFloat16: launch_scan_fwd<__half>(params, s, stream); break;
+    case ScalarKind::kBFloat16: launch_scan_fwd<__nv_bfloat16>(params, s, stream); break;
+    default: throw std::runtime_error("selective_scan: unsupported input dtype on CUDA");
+  }
+}
+
+void scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream) {
+  const BlockShape s = block_shape(params.fwd, Direction::kBackward);
+  switch (params.fwd.input_type) {
+    case ScalarKind::kFloat32: launch_scan_bwd<float>(params, partials, s, stream); break;
+    case ScalarKind::kFloat16: launch_scan_bwd<__half>(params, partials, s, stream); break;
+    case ScalarKind::kBFloat16: launch_scan_bwd<__nv_bfloat16>(params, partials, s, stream); break;
+    default: throw std::runtime_error("selective_scan: unsupported input dtype on CUDA");
+  }
+}
+
+#define SELECTIVE_SCAN_STR2(x) #x
+#define SELECTIVE_SCAN_STR(x) SELECTIVE_SCAN_STR2(x)
+const char* scan_cuda_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return SELECTIVE_SCAN_STR(__CUDA_ARCH_LIST__);
+#else
+  return "unknown";
+#endif
+}
+
+}  // namespace selective_scan
