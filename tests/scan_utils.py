@@ -141,7 +141,8 @@ def run_ref(kw: Dict, return_last_state: bool = True, compute_dtype=None):
 def grads_of(fn, kw: Dict, dout=None, dlast=None):
     """(out, last_state, {name: grad}) of fn(kw) w.r.t. every tensor input, for the given
     upstream gradients (either may be None: that output is then not used)."""
-    leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+    # detach() keeps each input's strides (clone() would make expanded or sliced ones contiguous)
+    leaves = {k: (v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
               for k, v in kw.items()}
     names = [k for k in TENSOR_ARGS if leaves[k] is not None]
     out, last = fn(leaves)
