@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
           float y = 0.f;
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
-            h[j] = fmaf(fast_exp2(dt * A2[j]), h[j], dut * Bt[j]);
+            h[j] = fmaf(decay_exp2(dt * A2[j]), h[j], dut * Bt[j]);
             y = fmaf(Ct[j], h[j], y);
           }
           ys[kk] = y;
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
           load_smem<kSPT>(Bsrc + t * Bstep, Bt);
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
-            as[kk][j] = fast_exp2(dt * A2[j]);
+            as[kk][j] = decay_exp2(dt * A2[j]);
             h[j] = fmaf(as[kk][j], h[j], dut * Bt[j]);
             hs[kk][j] = h[j];
           }

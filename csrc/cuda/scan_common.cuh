@@ -42,6 +42,17 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// 2^t for the decays exp(d * A) = 2^(d * A * log2(e)). Near 1 (|t| < 1/32) by its series, so that
+// the decay is the correctly rounded 1 + m with m = 2^t - 1 accurate: decays near 1 compound over
+// long memories, and the special-function unit's small relative error there adds up step after
+// step. Elsewhere on the special-function unit.
+__device__ __forceinline__ float decay_exp2(float t) {
+  const float e = fast_exp2(t);
+  const float m = t * fmaf(t, fmaf(t, fmaf(t, 0.009618129107628477f, 0.05550410866482158f), 0.2402265069591007f),
+                           0.6931471805599453f);
+  return fabsf(t) < 0.03125f ? 1.f + m : e;
+}
+
 // torch's softplus with threshold 20: max(x, 0) + log1p(exp(-|x|)), with log1p by its series
 // where the argument is small (the fast log loses relative accuracy near 1) and the fast log elsewhere.
 __device__ __forceinline__ float softplus(float x) {

@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
         float y = 0.f;
 #pragma unroll
         for (int j = 0; j < kSPT; ++j) {
-          const float a = fast_exp2(dt * A2[j]);
+          const float a = decay_exp2(dt * A2[j]);
           h[j] = fmaf(a, h[j], dut * Bt[j]);
           y = fmaf(Ct[j], h[j], y);
         }
