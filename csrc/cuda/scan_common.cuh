@@ -173,8 +173,10 @@ __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t 
   const int64_t base = b * bc.batch_stride + g * bc.group_stride + t0;
   const int vecs = npad * (kChunk / kVec);
   for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
-    const int n = v / (kChunk / kVec);
-    const int t = (v % (kChunk / kVec)) * kVec;
+    // Consecutive lanes take consecutive states, so that the transposed stores below fall in
+    // different banks.
+    const int n = v % npad;
+    const int t = (v / npad) * kVec;
     float vals[kVec];
     if (n < dstate) {
       const int64_t off = base + n * bc.dstate_stride;
