@@ -1,0 +1,169 @@
+"""CUDA-only cases (marker `cuda`): fp16/bf16 over longer sequences, stress cases against float64
+(very long sequences, tiny timesteps, dstate 256, dim 70000, odd sizes, large batch*dim grids),
+the padded tail of the last chunk, and the current CUDA stream. Where the sequential reference
+would be too slow, the reference is the CPU op in float64 (itself checked against the sequential
+reference by the CPU tests); a stress case passes when the GPU's error is at most
+max(tolerance, 2 x the CPU op's own fp32 error) on the same inputs."""
+import pytest
+import torch
+
+from scan_utils import (FWD_TOL, GRAD_TOL, check_backward, check_forward, grads_of, make_inputs,
+                        rel_l2, run_op, upcast, upstream_grads)
+
+pytestmark = pytest.mark.cuda
+
+
+def _to(kw, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _check_against_cpu_op(kw_gpu, use_out=True, use_last=True):
+    """GPU fp32 op vs the CPU op in float64; bound: max(tolerance, 2 x CPU fp32 op's error)."""
+    dout, dlast = upstream_grads(kw_gpu)
+    dout = dout if use_out else None
+    dlast = dlast if use_last else None
+    kw_cpu = _to(kw_gpu, "cpu")
+    d_cpu = (None if dout is None else dout.cpu(), None if dlast is None else dlast.cpu())
+    gpu = grads_of(lambda k: run_op(k, True), kw_gpu, dout, dlast)
+    cpu32 = grads_of(lambda k: run_op(k, True), kw_cpu, *d_cpu)
+    cpu64 = grads_of(lambda k: run_op(k, True), upcast(kw_cpu),
+                     *[None if t is None else t.double() for t in d_cpu])
+
+    def check(name, got, ref32, ref64, base_tol):
+        err = rel_l2(got, ref64)
+        tol = max(base_tol, 2 * rel_l2(ref32, ref64))
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        assert err <= tol, f"{name}: relative L2 error {err:.3e} > {tol:.2e}"
+
+    check("out", gpu[0], cpu32[0], cpu64[0], FWD_TOL[("cuda", torch.float32)])
+    check("last_state", gpu[1], cpu32[1], cpu64[1], FWD_TOL[("cuda", torch.float32)])
+    for name, ref in cpu64[2].items():
+        if ref is None or torch.count_nonzero(ref) == 0:
+            continue
+        check(f"d{name}", gpu[2][name], cpu32[2][name], ref, GRAD_TOL[("cuda", torch.float32)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("forms", [("var", "var"), ("group", "const"), ("const", "group")],
+                         ids=["var", "group_const", "const_group"])
+def test_low_precision_long(dtype, forms):
+    kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=64, seqlen=4100, dstate=16,
+                     B_form=forms[0], C_form=forms[1], B_groups=4, C_groups=2, initial_state=True,
+                     seed=91)
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_fp32_bc(dtype):
+    kw = make_inputs(device="cuda", dtype=dtype, batch=3, dim=96, seqlen=1500, dstate=32,
+                     B_form="group", C_form="var", B_groups=3, B_dtype=torch.float32,
+                     C_dtype=torch.float32, seed=92)
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
+
+@pytest.mark.parametrize("seqlen", [65536, 200000])
+def test_very_long_sequences(seqlen):
+    kw = make_inputs(device="cuda", batch=1, dim=4, seqlen=seqlen, dstate=16, B_form="var",
+                     C_form="const", initial_state=True, seed=93)
+    _check_against_cpu_op(kw)
+
+
+@pytest.mark.parametrize("seqlen", [16384, 65536])
+def test_tiny_delta_long(seqlen):
+    """|d * A| <= 1e-4: exp(d * A) is within 1e-4 of 1 and the state integrates over the whole
+    sequence."""
+    kw = make_inputs(device="cuda", batch=1, dim=8, seqlen=seqlen, dstate=16, B_form="var",
+                     C_form="var", delta_scale=2e-5, A_range=(-1.0, 1.6), initial_state=True,
+                     seed=94)
+    d_a = (kw["delta"].abs().max() * kw["A"].abs().max()).item()
+    assert 1e-5 < d_a <= 1e-4
+    _check_against_cpu_op(kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dstate_256(dtype):
+    kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=16, seqlen=2049, dstate=256,
+                     B_form="var", C_form="group", C_groups=4, initial_state=True, seed=95)
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
+
+def test_dim_70000():
+    kw = make_inputs(device="cuda", batch=1, dim=70000, seqlen=33, dstate=16, B_form="group",
+                     C_form="var", B_groups=7, initial_state=True, seed=96)
+    check_forward(kw, "cuda", torch.float32)
+    check_backward(kw, "cuda", torch.float32)
+
+
+ODD = [(3, 37, 1023, 5, 1), (1, 17, 1025, 17, 17), (2, 33, 4097, 33, 3), (5, 3, 129, 255, 3),
+       (7, 129, 63, 7, 43), (2, 10, 1, 64, 5)]
+
+
+@pytest.mark.parametrize("batch,dim,seqlen,dstate,groups", ODD,
+                         ids=["x".join(map(str, o)) for o in ODD])
+def test_odd_sizes(batch, dim, seqlen, dstate, groups):
+    kw = make_inputs(device="cuda", batch=batch, dim=dim, seqlen=seqlen, dstate=dstate,
+                     B_form="group", C_form="var", B_groups=groups, initial_state=True,
+                     seed=97 + seqlen)
+    check_forward(kw, "cuda", torch.float32)
+    check_backward(kw, "cuda", torch.float32)
+
+
+@pytest.mark.parametrize("seqlen", [1, 100, 130, 2047])
+@pytest.mark.parametrize("forms", [("const", "const"), ("var", "group")], ids=["const", "var_group"])
+@pytest.mark.parametrize("upstream", ["out", "last_state", "both"])
+def test_padded_tail(seqlen, forms, upstream):
+    """seqlen not a multiple of the chunk with delta_bias + softplus, so every timestep has a
+    nonzero delta: steps past the end must not touch last_state or any gradient."""
+    kw = make_inputs(device="cuda", batch=2, dim=24, seqlen=seqlen, dstate=16, B_form=forms[0],
+                     C_form=forms[1], C_groups=3, delta_softplus=True, delta_bias=True,
+                     initial_state=True, seed=98 + seqlen)
+    assert seqlen % 64 != 0
+    d = torch.nn.functional.softplus(kw["delta"].double() + kw["delta_bias"].double()[:, None])
+    assert (d > 0).all()
+    check_forward(kw, "cuda", torch.float32)
+    check_backward(kw, "cuda", torch.float32, use_out=upstream in ("out", "both"),
+                   use_last=upstream in ("last_state", "both"))
+
+
+@pytest.mark.parametrize("batch,dim,seqlen", [(128, 1024, 16), (512, 160, 9), (4, 16384, 40)])
+def test_large_grids(batch, dim, seqlen):
+    kw = make_inputs(device="cuda", batch=batch, dim=dim, seqlen=seqlen, dstate=16, B_form="var",
+                     C_form="group", C_groups=8, initial_state=True, seed=99)
+    check_forward(kw, "cuda", torch.float32)
+    check_backward(kw, "cuda", torch.float32)
+
+
+def test_large_batch_dim_long_rows():
+    kw = make_inputs(device="cuda", batch=8, dim=1536, seqlen=2048, dstate=16, B_form="var",
+                     C_form="var", seed=100)
+    _check_against_cpu_op(kw)
+
+
+def test_runs_on_current_stream():
+    kw = make_inputs(device="cuda", batch=4, dim=256, seqlen=1000, dstate=16, initial_state=True,
+                     seed=101)
+    dout, dlast = upstream_grads(kw)
+    expected = grads_of(lambda k: run_op(k, True), kw, dout, dlast)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()  # a non-blocking stream: no implicit sync with the default stream
+    with torch.cuda.stream(side):
+        # The inputs are produced on the side stream after a delay: an op that ran on another
+        # stream would read them before they are written.
+        torch.cuda._sleep(50_000_000)
+        kw2 = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        got = grads_of(lambda k: run_op(k, True), kw2, dout.clone(), dlast.clone())
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    for name in expected[2]:
+        assert torch.equal(got[2][name], expected[2][name]), name
+
+
+def test_cuda_matches_cpu_op():
+    """The two implementations agree (both against float64) on a mid-size mixed case."""
+    kw = make_inputs(device="cuda", batch=3, dim=48, seqlen=777, dstate=24, B_form="group",
+                     C_form="const", B_groups=6, initial_state=True, seed=102)
+    _check_against_cpu_op(kw)
