@@ -1,6 +1,7 @@
 // CUDA kernel of the decode-step op: one recurrent step of the selective SSM, the fp32 state read
 // once and written once (16-byte vector loads/stores where aligned). A row (batch, channel) is
-// handled by kTPR lanes of a warp, each owning kChunks chunks of 4 states; y is reduced by shuffles.
+// handled by kTPR lanes of a warp, each owning kChunks chunks of 4 states (loaded together, so several
+// 16-byte loads are in flight per thread); y is reduced by shuffles.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -80,39 +81,48 @@ state_update_kernel(const StateUpdateParams p, const bool vec) {
   const TBC* B = static_cast<const TBC*>(p.B) + b * p.B_batch_stride + g * p.B_group_stride;
   const TBC* C = static_cast<const TBC*>(p.C) + b * p.C_batch_stride + g * p.C_group_stride;
 
-  float y = 0.f;
+  // All loads of the row's states first (several 16-byte loads in flight per thread), then the
+  // update, then the stores.
+  float sv[kChunks][4], av[kChunks][4], bv[kChunks][4], cv[kChunks][4];
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int n0 = 4 * (lane + i * kTPR);
-    if (n0 >= p.dstate) break;
-    const int valid = static_cast<int>(p.dstate - n0 < 4 ? p.dstate - n0 : 4);
-    float sv[4], av[4], bv[4], cv[4];
-    if (vec) {
+    const int valid = n0 >= p.dstate ? 0 : static_cast<int>(p.dstate - n0 < 4 ? p.dstate - n0 : 4);
+    if (vec && valid == 4) {
       const float4 q = __ldcs(reinterpret_cast<const float4*>(s + n0));
-      sv[0] = q.x; sv[1] = q.y; sv[2] = q.z; sv[3] = q.w;
+      sv[i][0] = q.x; sv[i][1] = q.y; sv[i][2] = q.z; sv[i][3] = q.w;
       const float4 a = __ldg(reinterpret_cast<const float4*>(A + n0));
-      av[0] = a.x; av[1] = a.y; av[2] = a.z; av[3] = a.w;
+      av[i][0] = a.x; av[i][1] = a.y; av[i][2] = a.z; av[i][3] = a.w;
     } else {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        sv[j] = j < valid ? s[n0 + j] : 0.f;
-        av[j] = j < valid ? __ldg(A + n0 + j) : 0.f;
+        sv[i][j] = j < valid ? s[n0 + j] : 0.f;
+        av[i][j] = j < valid ? __ldg(A + n0 + j) : 0.f;
       }
     }
-    load4<TBC>(B + n0, vec, valid, bv);
-    load4<TBC>(C + n0, vec, valid, cv);
+    load4<TBC>(B + n0, vec && valid == 4, valid, bv[i]);
+    load4<TBC>(C + n0, vec && valid == 4, valid, cv[i]);
+  }
+  float y = 0.f;
+#pragma unroll
+  for (int i = 0; i < kChunks; ++i) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      sv[j] = expf(dt * av[j]) * sv[j] + bv[j] * dtx;
-      y += cv[j] * sv[j];  // zero for j >= valid: cv is 0 there
+      sv[i][j] = expf(dt * av[i][j]) * sv[i][j] + bv[i][j] * dtx;
+      y += cv[i][j] * sv[i][j];  // zero for states past dstate: cv is 0 there
     }
-    if (active) {
-      if (vec) {
-        __stcs(reinterpret_cast<float4*>(s + n0), make_float4(sv[0], sv[1], sv[2], sv[3]));
+  }
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int n0 = 4 * (lane + i * kTPR);
+      const int valid = n0 >= p.dstate ? 0 : static_cast<int>(p.dstate - n0 < 4 ? p.dstate - n0 : 4);
+      if (vec && valid == 4) {
+        __stcs(reinterpret_cast<float4*>(s + n0), make_float4(sv[i][0], sv[i][1], sv[i][2], sv[i][3]));
       } else {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (j < valid) s[n0 + j] = sv[j];
+          if (j < valid) s[n0 + j] = sv[i][j];
       }
     }
   }
@@ -148,12 +158,13 @@ void launch_typed(const StateUpdateParams& p, cudaStream_t stream) {
     if (blocks > 0x7fffffff) throw std::runtime_error("state_update_cuda: too many rows");
     kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec);
   };
+  // Two chunks of 4 states per lane (two 16-byte state loads in flight per thread).
   if (chunks <= 1) go(state_update_kernel<1, 1, TIn, TBC>, 1);
-  else if (chunks <= 2) go(state_update_kernel<2, 1, TIn, TBC>, 2);
-  else if (chunks <= 4) go(state_update_kernel<4, 1, TIn, TBC>, 4);
-  else if (chunks <= 8) go(state_update_kernel<8, 1, TIn, TBC>, 8);
-  else if (chunks <= 16) go(state_update_kernel<16, 1, TIn, TBC>, 16);
-  else if (chunks <= 32) go(state_update_kernel<32, 1, TIn, TBC>, 32);
+  else if (chunks <= 2) go(state_update_kernel<1, 2, TIn, TBC>, 1);
+  else if (chunks <= 4) go(state_update_kernel<2, 2, TIn, TBC>, 2);
+  else if (chunks <= 8) go(state_update_kernel<4, 2, TIn, TBC>, 4);
+  else if (chunks <= 16) go(state_update_kernel<8, 2, TIn, TBC>, 8);
+  else if (chunks <= 32) go(state_update_kernel<16, 2, TIn, TBC>, 16);
   else if (chunks <= 64) go(state_update_kernel<32, 2, TIn, TBC>, 32);
   else throw std::runtime_error("state_update_cuda: dstate above 256 is not supported");
 }
