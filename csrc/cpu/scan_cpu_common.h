@@ -1,6 +1,7 @@
 // Helpers shared by the CPU selective-scan kernels (scan_fwd_cpu.cpp, scan_bwd_cpu.cpp): element
-// conversion of rows and B/C chunks into compute-type buffers, a vectorised exp, softplus and silu,
+// conversion of rows and B/C chunks into compute-type buffers, vectorised exp, softplus and sigmoid,
 // and the fixed partition of the channels into blocks that never straddle a B or C group.
+// Everything lives in namespace cpu::SELECTIVE_SCAN_CPU_ISA, one per instruction set compiled.
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
@@ -15,8 +16,15 @@
 
 #include "../selective_scan.h"
 
+#ifndef SELECTIVE_SCAN_CPU_ISA
+#define SELECTIVE_SCAN_CPU_ISA generic
+#endif
+
 namespace selective_scan {
 namespace cpu {
+namespace SELECTIVE_SCAN_CPU_ISA {
+
+constexpr int64_t kChunk = kCheckpointChunk;
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -136,32 +144,79 @@ inline Vec<double> vec_exp(const Vec<double>& x) {
   return Vec<double>::loadu(lanes);
 }
 
-// Sum of the lanes in a fixed order.
+// Sum of the lanes, pairwise in a fixed order.
 template <typename T>
 inline T lane_sum(const Vec<T>& v) {
   constexpr int w = Vec<T>::size();
   T lanes[w];
   v.store(lanes);
-  T s = lanes[0];
-  for (int i = 1; i < w; ++i) s += lanes[i];
-  return s;
+  for (int half = w / 2; half >= 1; half /= 2) {
+    for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+  }
+  return lanes[0];
 }
 
-// torch's softplus (beta 1, threshold 20) and its derivative (torch's softplus_backward).
-template <typename T>
-inline T softplus(T x) {
-  return x > T(20) ? x : std::log1p(std::exp(x));
-}
-template <typename T>
-inline T softplus_grad(T x) {
-  if (x > T(20)) return T(1);
-  const T e = std::exp(x);
-  return e / (e + T(1));
+// Row functions over kChunk values (buffers of kChunk elements; lanes past the chunk's length hold
+// stale but finite values and are never read back).
+
+// x = dt[i] + bias; dt[i] <- softplus(x), grad[i] <- softplus'(x) (grad may be null), as torch's
+// softplus with threshold 20: x above it passes through with derivative exactly 1. Below it,
+// softplus(x) = max(x, 0) + log1p(v) with v = exp(-|x|) in (0, 1], log1p(v) = 2 atanh(s) with
+// s = v / (2 + v) in [0, 1/3] summed as a series in s^2 (truncation below 2e-9 relative), and
+// softplus'(x) = sigmoid(x) = (x >= 0 ? 1 : v) / (1 + v).
+inline void softplus_row(float* dt, float* grad, float bias) {
+  using V = Vec<float>;
+  const V threshold(20.0f), zero(0.0f), one(1.0f);
+  for (int64_t i = 0; i < kChunk; i += V::size()) {
+    const V x = V::loadu(dt + i) + V(bias);
+    const V v = vec_exp(zero - x.abs());
+    const V s = v / (V(2.0f) + v);
+    const V s2 = s * s;
+    V series(1.0f / 15.0f);
+    series = at::vec::fmadd(series, s2, V(1.0f / 13.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 11.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 9.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 7.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 5.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 3.0f));
+    series = at::vec::fmadd(series, s2, one);
+    const V softplus = at::vec::maximum(x, zero) + V(2.0f) * s * series;
+    const V above = x > threshold;
+    V::blendv(softplus, x, above).store(dt + i);
+    if (grad) {
+      const V sig = V::blendv(v, one, x >= zero) / (one + v);
+      V::blendv(sig, one, above).store(grad + i);
+    }
+  }
 }
 
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+inline void softplus_row(double* dt, double* grad, double bias) {
+  for (int64_t i = 0; i < kChunk; ++i) {
+    const double x = dt[i] + bias;
+    if (x > 20.0) {
+      dt[i] = x;
+      if (grad) grad[i] = 1.0;
+    } else {
+      const double e = std::exp(x);
+      dt[i] = std::log1p(e);
+      if (grad) grad[i] = e / (e + 1.0);
+    }
+  }
+}
+
+// out[i] = sigmoid(z[i]). float: (z >= 0 ? 1 : v) / (1 + v) with v = exp(-|z|).
+inline void sigmoid_row(const float* z, float* out) {
+  using V = Vec<float>;
+  const V zero(0.0f), one(1.0f);
+  for (int64_t i = 0; i < kChunk; i += V::size()) {
+    const V x = V::loadu(z + i);
+    const V v = vec_exp(zero - x.abs());
+    (V::blendv(v, one, x >= zero) / (one + v)).store(out + i);
+  }
+}
+
+inline void sigmoid_row(const double* z, double* out) {
+  for (int64_t i = 0; i < kChunk; ++i) out[i] = 1.0 / (1.0 + std::exp(-z[i]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,5 +248,6 @@ inline std::vector<ChannelBlock> plan_channel_blocks(int64_t dim, const BCParams
   return blocks;
 }
 
+}  // namespace SELECTIVE_SCAN_CPU_ISA
 }  // namespace cpu
 }  // namespace selective_scan
