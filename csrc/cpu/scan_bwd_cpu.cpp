@@ -109,38 +109,20 @@ void bwd_row_chunk(const ScanBwdParams& bp, int64_t b, int64_t d, int64_t c, Bwd
   const int64_t B_step = p.B.is_variable ? ld : 0;
   const int64_t C_step = p.C.is_variable ? ld : 0;
 
-  // Recompute h_t of the chunk from its checkpoint, and exp(d_t A).
+  // Recompute h_t of the chunk from its checkpoint, and exp(d_t A); with a gate also y_t before
+  // gating (y_t = C_t . h_t + D u_t) for dz_t = dout_t y_t silu'(z_t).
   T* states = ws.states.data();
   T* decays = ws.decays.data();
   const T* checkpoint = static_cast<const T*>(bp.checkpoints) + (row * n_chunks + c) * N;
   std::copy(checkpoint, checkpoint + N, states);
-  {
-    const T* B_t = ws.B.data();
-    for (int64_t t = 0; t < len; ++t, B_t += B_step) {
-      const V dt_v(dt[t]), dtu_v(dt[t] * u[t]);
-      const T* h_prev = states + t * ld;
-      T* h = states + (t + 1) * ld;
-      T* decay_t = decays + t * ld;
-      for (int64_t n = 0; n < ld; n += W) {
-        const V decay = vec_exp(dt_v * V::loadu(A_row + n));
-        decay.store(decay_t + n);
-        at::vec::fmadd(decay, V::loadu(h_prev + n), dtu_v * V::loadu(B_t + n)).store(h + n);
-      }
-    }
-  }
-
-  // Gate gradient: needs y_t before gating, y_t = C_t . h_t + D u_t.
+  T* y = p.z.ptr ? ws.y.data() : nullptr;
+  scan_chunk(dt, u, A_row, ws.B.data(), B_step, ws.C.data(), C_step, ld, len, static_cast<T*>(nullptr),
+             y, states, decays);
   if (p.z.ptr) {
-    T* y = ws.y.data();
     T* dz = ws.dz.data();
-    const T* C_t = ws.C.data();
-    for (int64_t t = 0; t < len; ++t, C_t += C_step) {
-      const T* h = states + (t + 1) * ld;
-      V acc(T(0));
-      for (int64_t n = 0; n < ld; n += W) acc = at::vec::fmadd(V::loadu(h + n), V::loadu(C_t + n), acc);
-      y[t] = lane_sum(acc) + D_d * u[t];
+    for (int64_t t = 0; t < len; ++t) {
       const T s = gate[t];
-      dz[t] = dout[t] * y[t] * (s * (T(1) + z[t] * (T(1) - s)));
+      dz[t] = dout[t] * (y[t] + D_d * u[t]) * (s * (T(1) + z[t] * (T(1) - s)));
     }
     store_elements(dz, len, bp.dz.ptr, p.input_type, row_offset(bp.dz, b, d) + t0);
   }

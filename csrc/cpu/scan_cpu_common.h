@@ -4,6 +4,7 @@
 // Everything lives in namespace cpu::SELECTIVE_SCAN_CPU_ISA, one per instruction set compiled.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -144,16 +145,40 @@ inline Vec<double> vec_exp(const Vec<double>& x) {
   return Vec<double>::loadu(lanes);
 }
 
-// Sum of the lanes, pairwise in a fixed order.
+// Sum of the lanes, by ATen's fixed-order shuffle reduction.
 template <typename T>
 inline T lane_sum(const Vec<T>& v) {
-  constexpr int w = Vec<T>::size();
-  T lanes[w];
-  v.store(lanes);
-  for (int half = w / 2; half >= 1; half /= 2) {
-    for (int i = 0; i < half; ++i) lanes[i] += lanes[i + half];
+  return at::vec::vec_reduce_all([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
+}
+
+// The recurrence over one chunk of one row: for t < len,
+//   h_t = exp(d_t A) h_{t-1} + d_t u_t B_t,  y[t] = C_t . h_t  (y may be null),
+// with B_t = B + t * B_step (C likewise; step 0 for time-invariant rows) and vectors of the padded
+// length ld. Without `states`, h holds h_{-1} and is updated in place. With it, states[0..ld)
+// holds h_{-1}, row t + 1 receives h_t and row t of `decays` receives exp(d_t A).
+template <typename T>
+inline void scan_chunk(const T* dt, const T* u, const T* A_row, const T* B, int64_t B_step, const T* C,
+                       int64_t C_step, int64_t ld, int64_t len, T* h, T* y, T* states, T* decays) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  T* h_base = states ? states : h;
+  const int64_t h_step = states ? ld : 0;
+  for (int64_t t = 0; t < len; ++t) {
+    const V dt_v(dt[t]), dtu_v(dt[t] * u[t]);
+    const T* h_prev = h_base + t * h_step;
+    T* h_next = h_base + (t + 1) * h_step;
+    const T* B_t = B + t * B_step;
+    const T* C_t = C + t * C_step;
+    V acc(T(0));
+    for (int64_t n = 0; n < ld; n += W) {
+      const V decay = vec_exp(dt_v * V::loadu(A_row + n));
+      const V h_t = at::vec::fmadd(decay, V::loadu(h_prev + n), dtu_v * V::loadu(B_t + n));
+      h_t.store(h_next + n);
+      if (decays) decay.store(decays + t * ld + n);
+      if (y) acc = at::vec::fmadd(h_t, V::loadu(C_t + n), acc);
+    }
+    if (y) y[t] = lane_sum(acc);
   }
-  return lanes[0];
 }
 
 // Row functions over kChunk values (buffers of kChunk elements; lanes past the chunk's length hold

@@ -34,8 +34,6 @@ struct FwdWorkspace {
 // Channels blk.begin..blk.end of batch b, every chunk in order.
 template <typename T>
 void fwd_block(const ScanParams& p, const ChannelBlock& blk, int64_t b, FwdWorkspace<T>& ws) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
   const int64_t N = p.dstate, L = p.seqlen, ld = ws.ld;
   const int64_t n_chunks = num_checkpoints(L);
   const T* A = static_cast<const T*>(p.A);
@@ -77,22 +75,9 @@ void fwd_block(const ScanParams& p, const ChannelBlock& blk, int64_t b, FwdWorks
         for (int64_t t = 0; t < len; ++t) dt[t] += bias;
       }
 
-      // h_t = exp(d_t A) h_{t-1} + d_t u_t B_t;  y_t = C_t . h_t
-      const T* B_t = ws.B.data();
-      const T* C_t = ws.C.data();
-      const T* A_row = ws.A.data();
       T* y = ws.y.data();
-      for (int64_t t = 0; t < len; ++t, B_t += B_step, C_t += C_step) {
-        const V dt_v(dt[t]), dtu_v(dt[t] * u[t]);
-        V acc(T(0));
-        for (int64_t n = 0; n < ld; n += W) {
-          const V decay = vec_exp(dt_v * V::loadu(A_row + n));
-          const V h_new = at::vec::fmadd(decay, V::loadu(h + n), dtu_v * V::loadu(B_t + n));
-          h_new.store(h + n);
-          acc = at::vec::fmadd(h_new, V::loadu(C_t + n), acc);
-        }
-        y[t] = lane_sum(acc);
-      }
+      scan_chunk(dt, u, ws.A.data(), ws.B.data(), B_step, ws.C.data(), C_step, ld, len, h, y,
+                 static_cast<T*>(nullptr), static_cast<T*>(nullptr));
 
       const T D_d = D ? D[d] : T(0);
       for (int64_t t = 0; t < len; ++t) y[t] += D_d * u[t];
