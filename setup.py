@@ -27,6 +27,11 @@ sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
 define_macros = [("SELECTIVE_SCAN_VERSION", f'"{VERSION}"')]
 cxx_flags = ["-O3"]
 if want_cuda():
+    import torch
+
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+        # No GPU to take the arch from: build for Hopper (sm_90) rather than torch's long default list.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
     sources += rel("csrc/cuda/*.cu")
     define_macros.append(("SELECTIVE_SCAN_WITH_CUDA", None))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr",

@@ -3,6 +3,7 @@
 #   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice)
 #   tests  - the CUDA tests (pytest -m cuda)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
+#   sanitize - compute-sanitizer memcheck and racecheck on a small forward + backward
 # Usage: bash benchmarks/gpu_run.sh [stage ...]   (default: tests bench). Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/selective_scan_gpu}
@@ -23,16 +24,22 @@ rc=0
 for stage in "${stages[@]}"; do
   case "$stage" in
     quick)
-      for spt in auto 4 1; do
-        if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; args=(); else export SELECTIVE_SCAN_SPT=$spt; args=(--no-timing); fi
-        [ "$spt" != auto ] && args=()
-        python3 benchmarks/cuda_quickcheck.py --out "$OUT/quick_spt_$spt.json" "${args[@]}" 2>&1 | tee "$OUT/quick_spt_$spt.log" || rc=1
+      for spt in auto 4; do
+        if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; else export SELECTIVE_SCAN_SPT=$spt; fi
+        python3 benchmarks/cuda_quickcheck.py --out "$OUT/quick_spt_$spt.json" 2>&1 | tee "$OUT/quick_spt_$spt.log" || rc=1
       done
       unset SELECTIVE_SCAN_SPT ;;
     tests)
       python3 -m pytest tests -m cuda -q -x --durations=15 2>&1 | tee "$OUT/tests_cuda.log"; rc=$((rc | PIPESTATUS[0])) ;;
     bench)
       python3 benchmarks/bench_scan.py --device cuda --out "$OUT/bench_h200.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/profile_shape.py 2 40 200 16 \
+          > "$OUT/sanitize_$tool.log" 2>&1; code=$?
+        echo "compute-sanitizer $tool: exit $code, $(grep -h 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+        [ $code -eq 0 ] || rc=1
+      done ;;
     *)
       echo "unknown stage $stage"; rc=1 ;;
   esac

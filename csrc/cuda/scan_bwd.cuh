@@ -36,11 +36,11 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
-  float* s_d = s_u + s.cpb * kChunk;    // d, then d(loss)/d(delta) once a sub-chunk is done
-  float* s_du = s_d + s.cpb * kChunk;   // d * u, then d(loss)/du once a sub-chunk is done
-  float* s_dy = s_du + s.cpb * kChunk;  // dout * silu(z)
-  float* s_hck = s_dy + s.cpb * kChunk;
-  float* s_y = s_hck + L.hck;           // forward-recompute phase
+  float* s_d = s_u + s.cpb * kRow;    // d, then d(loss)/d(delta) once a sub-chunk is done
+  float* s_du = s_d + s.cpb * kRow;   // d * u, then d(loss)/du once a sub-chunk is done
+  float* s_dy = s_du + s.cpb * kRow;  // dout * silu(z)
+  float* s_hck = s_dy + s.cpb * kRow;
+  float* s_y = s_hck + L.hck;           // forward-recompute phase: outputs y [cpb][kRow]
   float* s_sA = s_y;                    // reverse phase: per-thread sums over states
   float* s_sB = s_sA + kSub * s.threads;
   float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
   const int dstate = static_cast<int>(p.dstate);
   const int64_t row = rows.b * p.dim + d;
 
-  float A2[kSPT], Af[kSPT], B_const[kSPT], C_const[kSPT];
+  float A2[kSPT], Af[kSPT];
   float G[kSPT];  // exp(d_{t+1} A) g_{t+1}: the adjoint carried into step t
   float dA_acc[kSPT], dB_acc[kSPT], dC_acc[kSPT];
   const float* A = static_cast<const float*>(p.A);
@@ -66,11 +66,12 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
     const bool nv = n < dstate;
     Af[j] = nv ? A[d * dstate + n] : 0.f;
     A2[j] = Af[j] * kLog2e;
-    B_const[j] = (!p.B.is_variable && nv) ? load_bc<input_t>(p.B, d * p.B.dim_stride + n * p.B.dstate_stride) : 0.f;
-    C_const[j] = (!p.C.is_variable && nv) ? load_bc<input_t>(p.C, d * p.C.dim_stride + n * p.C.dstate_stride) : 0.f;
     G[j] = (nv && bp.dlast_state != nullptr) ? static_cast<const float*>(bp.dlast_state)[row * dstate + n] : 0.f;
     dA_acc[j] = dB_acc[j] = dC_acc[j] = 0.f;
   }
+  int Bstep, Cstep;
+  const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
+  const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
   float dD_acc = 0.f, dbias_acc = 0.f;
 
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        const int e = cc * kChunk + t + i;
+        const int e = cc * kRow + t + i;
         s_u[e] = uu[i];
         s_d[e] = dd[i];
         s_du[e] = dd[i] * uu[i];
@@ -132,9 +133,9 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
     if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
     __syncthreads();
 
-    const float* my_d = s_d + c * kChunk;
-    const float* my_du = s_du + c * kChunk;
-    const float* my_dy = s_dy + c * kChunk;
+    const float* __restrict__ my_d = s_d + c * kRow;
+    const float* __restrict__ my_du = s_du + c * kRow;
+    const float* __restrict__ my_dy = s_dy + c * kRow;
 
     // Forward recompute from the checkpoint: the state at each sub-chunk start, and (for dz) the
     // per-thread partial outputs.
@@ -144,30 +145,28 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
       for (int j = 0; j < kSPT; ++j) h[j] = (n0 + j < dstate) ? ckpt[k * dstate + n0 + j] : 0.f;
       for (int sub = 0; sub < kChunk / kSub; ++sub) {
         store_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h);
+        float ys[kSub];
 #pragma unroll
         for (int kk = 0; kk < kSub; ++kk) {
           const int t = sub * kSub + kk;
           const float dt = my_d[t], dut = my_du[t];
           float Bt[kSPT], Ct[kSPT];
-          if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
-          else {
-#pragma unroll
-            for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
-          }
-          if (z_base) {
-            if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
-            else {
-#pragma unroll
-              for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
-            }
-          }
+          load_smem<kSPT>(Bsrc + t * Bstep, Bt);
+          load_smem<kSPT>(Csrc + t * Cstep, Ct);
           float y = 0.f;
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
-            h[j] = fmaf(fast_exp2(dt * A2[j]), h[j], dut * Bt[j]);
-            if (z_base) y = fmaf(Ct[j], h[j], y);
+            h[j] = fmaf(decay_exp2(dt * A2[j]), h[j], dut * Bt[j]);
+            y = fmaf(Ct[j], h[j], y);
           }
-          if (z_base) s_y[t * s.threads + tid] = y;
+          ys[kk] = y;
+        }
+        if (z_base) {
+          channel_sum_group(ys, s.tpc);
+          if (q == 0) {
+#pragma unroll
+            for (int kk = 0; kk < kSub; ++kk) s_y[c * kRow + sub * kSub + kk] = ys[kk];
+          }
         }
       }
     }
@@ -186,10 +185,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
         load_vec(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned, go);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          const float* part = s_y + (t + i) * s.threads + cc * s.tpc;
-          float y = 0.f;
-          for (int r = 0; r < s.tpc; ++r) y += part[r];
-          y = fmaf(Dd, s_u[cc * kChunk + t + i], y);
+          const float y = fmaf(Dd, s_u[cc * kRow + t + i], s_y[cc * kRow + t + i]);
           const float sg = sigmoid(zz[i]);
           dz[i] = go[i] * y * sg * (1.f + zz[i] * (1.f - sg));
         }
@@ -211,14 +207,10 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
           const int t = sub * kSub + kk;
           const float dt = my_d[t], dut = my_du[t];
           float Bt[kSPT];
-          if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
-          else {
-#pragma unroll
-            for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
-          }
+          load_smem<kSPT>(Bsrc + t * Bstep, Bt);
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
-            as[kk][j] = fast_exp2(dt * A2[j]);
+            as[kk][j] = decay_exp2(dt * A2[j]);
             h[j] = fmaf(as[kk][j], h[j], dut * Bt[j]);
             hs[kk][j] = h[j];
           }
@@ -229,16 +221,8 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
         const int t = sub * kSub + kk;
         const float dt = my_d[t], dut = my_du[t], dyt = my_dy[t];
         float Bt[kSPT], Ct[kSPT];
-        if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
-        else {
-#pragma unroll
-          for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
-        }
-        if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
-        else {
-#pragma unroll
-          for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
-        }
+        load_smem<kSPT>(Bsrc + t * Bstep, Bt);
+        load_smem<kSPT>(Csrc + t * Cstep, Ct);
         float sA = 0.f, sB = 0.f, dBt[kSPT], dCt[kSPT];
 #pragma unroll
         for (int j = 0; j < kSPT; ++j) {
@@ -281,34 +265,61 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
             sA += pa[r];
             sB += pb[r];
           }
-          const int e = c * kChunk + t;
+          const int e = c * kRow + t;
           const float dt = s_d[e], ut = s_u[e], dyt = s_dy[e];
           float ddt = fmaf(ut, sB, sA);
-          if (p.delta_softplus) ddt *= -expm1f(-dt);
+          if (p.delta_softplus) ddt *= softplus_grad_from_value(dt);
           s_du[e] = fmaf(dyt, Dd, dt * sB);
           s_d[e] = ddt;
           dbias_acc += ddt;
           dD_acc = fmaf(dyt, ut, dD_acc);
         }
       }
-      // Channel sums of dB / dC for this sub-chunk, in channel order.
-      const int outs = kSub * dstate;
+      // Channel sums of dB / dC for this sub-chunk in a fixed order: `splits` consecutive lanes each
+      // sum a contiguous range of channels for one group of kW states, then combine by shuffle.
       if (p.B.is_variable || p.C.is_variable) {
-        for (int o = tid; o < outs; o += s.threads) {
-          const int n = o % dstate;
-          const int kk = o / dstate;
-          const int t = sub * kSub + kk;
-          if (t >= len) continue;
-          const int off = kk * npad + n;
-          if (p.B.is_variable) {
-            float acc = 0.f;
-            for (int cc = 0; cc < rows.valid; ++cc) acc += s_dBr[cc * L.cstride + off];
-            parts.dB[(((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate + n) * p.seqlen + t0 + t] = acc;
+        constexpr int kW = kSPT >= 4 ? 4 : 1;
+        const int groups = npad / kW;
+        const int per_array = kSub * groups;
+        const int outputs = 2 * per_array;  // dB's, then dC's
+        int splits = 1;
+        while (splits < 32 && 2 * splits * outputs <= s.threads) splits *= 2;
+        const int per_split = (rows.valid + splits - 1) / splits;
+        for (int base = 0; base < outputs * splits; base += s.threads) {
+          const int item = base + tid;
+          const bool active = item < outputs * splits;
+          const int o = active ? item / splits : 0;
+          const int part = item % splits;
+          const bool is_C = o >= per_array;
+          const int oc = is_C ? o - per_array : o;
+          const int n = (oc % groups) * kW;
+          const int kk = oc / groups;
+          const bool wanted = active && (is_C ? p.C.is_variable : p.B.is_variable);
+          const float* red = is_C ? s_dCr : s_dBr;
+          float acc[kW] = {};
+          if (wanted) {
+            const int c_end = min(rows.valid, (part + 1) * per_split);
+            for (int cc = part * per_split; cc < c_end; ++cc) {
+              float v[kW];
+              load_smem<kW>(red + cc * L.cstride + kk * npad + n, v);
+#pragma unroll
+              for (int w = 0; w < kW; ++w) acc[w] += v[w];
+            }
           }
-          if (p.C.is_variable) {
-            float acc = 0.f;
-            for (int cc = 0; cc < rows.valid; ++cc) acc += s_dCr[cc * L.cstride + off];
-            parts.dC[(((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate + n) * p.seqlen + t0 + t] = acc;
+          for (int off = 1; off < splits; off <<= 1) {
+#pragma unroll
+            for (int w = 0; w < kW; ++w) acc[w] += __shfl_xor_sync(0xffffffffu, acc[w], off);
+          }
+          const int t = sub * kSub + kk;
+          if (wanted && part == 0 && t < len && n < dstate) {
+            const BCParams& bc = is_C ? p.C : p.B;
+            const int64_t slot = is_C ? slotC : slotB;
+            const int64_t g = is_C ? rows.gC : rows.gB;
+            float* dst = (is_C ? parts.dC : parts.dB) +
+                         (((slot * p.batch + rows.b) * bc.n_groups + g) * dstate + n) * p.seqlen + t0 + t;
+#pragma unroll
+            for (int w = 0; w < kW; ++w)
+              if (n + w < dstate) dst[w * p.seqlen] = acc[w];
           }
         }
       }
@@ -324,8 +335,8 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
       float a[kVec], b[kVec];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        a[i] = s_du[cc * kChunk + t + i];
-        b[i] = s_d[cc * kChunk + t + i];
+        a[i] = s_du[cc * kRow + t + i];
+        b[i] = s_d[cc * kRow + t + i];
       }
       store_vec(du_base + dc * bp.du.dim_stride + t0, t, len, f.grads_aligned, a);
       store_vec(ddelta_base + dc * bp.ddelta.dim_stride + t0, t, len, f.grads_aligned, b);

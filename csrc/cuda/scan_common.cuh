@@ -16,6 +16,9 @@ namespace cuda_detail {
 
 // Timesteps staged in shared memory at a time: one checkpoint chunk.
 constexpr int kChunk = static_cast<int>(kCheckpointChunk);
+// Row stride of per-channel staged arrays [channel][step]: one float of padding puts the rows of
+// the channels that a warp reads at the same step in different banks.
+constexpr int kRow = kChunk + 1;
 // The backward recomputes a chunk in sub-chunks of kSub steps held in registers.
 constexpr int kSub = 8;
 constexpr int kVec = 8;  // elements per vector load/store of a row segment
@@ -39,12 +42,38 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// torch's softplus with threshold 20.
-__device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1pf(__expf(x)); }
+// 2^t for the decays exp(d * A) = 2^(d * A * log2(e)). Near 1 (|t| < 1/32) by its series, so that
+// the decay is the correctly rounded 1 + m with m = 2^t - 1 accurate: decays near 1 compound over
+// long memories, and the special-function unit's small relative error there adds up step after
+// step. Elsewhere on the special-function unit.
+__device__ __forceinline__ float decay_exp2(float t) {
+  const float e = fast_exp2(t);
+  const float m = t * fmaf(t, fmaf(t, fmaf(t, 0.009618129107628477f, 0.05550410866482158f), 0.2402265069591007f),
+                           0.6931471805599453f);
+  return fabsf(t) < 0.03125f ? 1.f + m : e;
+}
 
-// d softplus(x)/dx from d = softplus(x): sigmoid(x) = 1 - exp(-d) (exactly 1 above the threshold).
-__device__ __forceinline__ float softplus_grad_from_value(float x, float d) {
-  return x > 20.f ? 1.f : -expm1f(-d);
+// torch's softplus with threshold 20: max(x, 0) + log1p(exp(-|x|)), with log1p by its series
+// where the argument is small (the fast log loses relative accuracy near 1) and the fast log elsewhere.
+__device__ __forceinline__ float softplus(float x) {
+  if (x > 20.f) return x;
+  const float e = __expf(-fabsf(x));  // (0, 1]
+  float l;
+  if (e < 0.125f) {
+    l = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * (0.25f - e * (0.2f - e * (1.f / 6.f))))));
+  } else {
+    l = __logf(1.f + e);
+  }
+  return fmaxf(x, 0.f) + l;
+}
+
+// d softplus(x)/dx from d = softplus(x): sigmoid(x) = 1 - exp(-d) = -expm1(-d), by its series for
+// small d (exactly 1 above the threshold, where d = x > 20).
+__device__ __forceinline__ float softplus_grad_from_value(float d) {
+  if (d < 0.25f) {
+    return d * (1.f - d * (0.5f - d * (1.f / 6.f - d * (1.f / 24.f - d * (1.f / 120.f - d * (1.f / 720.f))))));
+  }
+  return d > 20.f ? 1.f : 1.f - __expf(-d);
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -144,8 +173,10 @@ __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t 
   const int64_t base = b * bc.batch_stride + g * bc.group_stride + t0;
   const int vecs = npad * (kChunk / kVec);
   for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
-    const int n = v / (kChunk / kVec);
-    const int t = (v % (kChunk / kVec)) * kVec;
+    // Consecutive lanes take consecutive states, so that the transposed stores below fall in
+    // different banks.
+    const int n = v % npad;
+    const int t = (v / npad) * kVec;
     float vals[kVec];
     if (n < dstate) {
       const int64_t off = base + n * bc.dstate_stride;
@@ -164,6 +195,43 @@ __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t 
     }
 #pragma unroll
     for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = vals[i];
+  }
+}
+
+// Sum of x over the `tpc` consecutive lanes that share a channel (tpc a power of two <= 32);
+// every lane gets the same sum, formed in the same order on every run.
+__device__ __forceinline__ float channel_sum(float x, int tpc) {
+  for (int off = 1; off < tpc; off <<= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Where a thread reads B (or C) at step t: src + t * step. A variable B is staged per chunk as a
+// [kChunk][npad] tile (step npad); a time-invariant one is written once into the same tile as
+// [channel][npad] rows (step 0), so the per-step read is the same branch-free load.
+template <typename input_t, int kSPT>
+__device__ __forceinline__ const float* bc_source(const BCParams& bc, float* tile, int64_t d, int c, int n0,
+                                                  int npad, int dstate, int& step) {
+  if (bc.is_variable) {
+    step = npad;
+    return tile + n0;
+  }
+#pragma unroll
+  for (int j = 0; j < kSPT; ++j) {
+    const int n = n0 + j;
+    tile[c * npad + n] = n < dstate ? load_bc<input_t>(bc, d * bc.dim_stride + n * bc.dstate_stride) : 0.f;
+  }
+  step = 0;
+  return tile + c * npad + n0;
+}
+
+// Steps whose per-thread outputs are reduced over a channel's threads together.
+constexpr int kGroup = 8;
+
+template <int N>
+__device__ __forceinline__ void channel_sum_group(float (&x)[N], int tpc) {
+  for (int off = 1; off < tpc; off <<= 1) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] += __shfl_xor_sync(0xffffffffu, x[i], off);
   }
 }
 
@@ -193,16 +261,16 @@ __device__ __forceinline__ void store_smem(float* dst, const float (&src)[N]) {
   }
 }
 
-// Shared memory (floats): B and C tiles [kChunk][npad] each, u / d / d*u [cpb][kChunk] each,
-// the per-thread partial outputs [kChunk][threads].
+// Shared memory (floats): B and C tiles [kChunk][npad] each; u, d, d*u and the outputs y
+// [cpb][kRow] each.
 __host__ __device__ inline int fwd_smem_floats(const BlockShape& s) {
   const int npad = s.tpc * s.spt;
-  return 2 * kChunk * npad + 3 * s.cpb * kChunk + kChunk * s.threads;
+  return 2 * kChunk * npad + 4 * s.cpb * kRow;
 }
 
 // Floats of padding between channels in the dB/dC reduction buffer (keeps 16-byte alignment and
 // spreads channels over banks).
-constexpr int kRedPad = 4;
+constexpr int kRedPad = 16;
 
 struct BwdSmem {
   int npad, cstride, hck, region, total;
@@ -213,10 +281,10 @@ __host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
   l.npad = s.tpc * s.spt;
   l.cstride = kSub * l.npad + kRedPad;
   l.hck = (kChunk / kSub) * s.threads * s.spt;
-  const int fwd_part = kChunk * s.threads;
+  const int fwd_part = s.cpb * kRow;
   const int rev_part = 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
   l.region = fwd_part > rev_part ? fwd_part : rev_part;
-  l.total = 2 * kChunk * l.npad + 4 * s.cpb * kChunk + l.hck + l.region;
+  l.total = 2 * kChunk * l.npad + 4 * s.cpb * kRow + l.hck + l.region;
   return l;
 }
 

@@ -36,7 +36,7 @@ int states_per_thread(const ScanParams& p) {
   if (forced == 4 || (forced == 1 && n <= 32)) return forced;
   // One state per thread multiplies the threads by up to 4: worth it when rows are few.
   const int64_t threads4 = p.batch * p.dim * next_pow2((n + 3) / 4);
-  return (n <= 32 && threads4 < 65536) ? 1 : 4;
+  return (n <= 32 && threads4 < 32768) ? 1 : 4;
 }
 
 enum class Direction { kForward, kBackward };

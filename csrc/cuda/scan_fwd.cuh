@@ -20,9 +20,9 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
-  float* s_d = s_u + s.cpb * kChunk;
-  float* s_du = s_d + s.cpb * kChunk;
-  float* s_y = s_du + s.cpb * kChunk;
+  float* s_d = s_u + s.cpb * kRow;
+  float* s_du = s_d + s.cpb * kRow;
+  float* s_y = s_du + s.cpb * kRow;
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
@@ -34,20 +34,21 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
   const int dstate = static_cast<int>(p.dstate);
 
   // Per-thread constants: A * log2(e) (zero for padded states, so they stay zero), time-invariant B/C.
-  float A2[kSPT], B_const[kSPT], C_const[kSPT], h[kSPT];
+  float A2[kSPT], h[kSPT];
   const float* A = static_cast<const float*>(p.A);
 #pragma unroll
   for (int j = 0; j < kSPT; ++j) {
     const int n = n0 + j;
     const bool nv = n < dstate;
     A2[j] = nv ? A[d * dstate + n] * kLog2e : 0.f;
-    B_const[j] = (!p.B.is_variable && nv) ? load_bc<input_t>(p.B, d * p.B.dim_stride + n * p.B.dstate_stride) : 0.f;
-    C_const[j] = (!p.C.is_variable && nv) ? load_bc<input_t>(p.C, d * p.C.dim_stride + n * p.C.dstate_stride) : 0.f;
     h[j] = (nv && p.initial_state != nullptr)
                ? static_cast<const float*>(p.initial_state)[(rows.b * p.dim + d) * dstate + n]
                : 0.f;
   }
 
+  int Bstep, Cstep;
+  const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
+  const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
   const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
   const input_t* z_base = p.z.ptr ? static_cast<const input_t*>(p.z.ptr) + rows.b * p.z.batch_stride : nullptr;
@@ -85,9 +86,9 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
-        s_u[cc * kChunk + t + i] = uu[i];
-        s_d[cc * kChunk + t + i] = dd[i];
-        s_du[cc * kChunk + t + i] = dd[i] * uu[i];
+        s_u[cc * kRow + t + i] = uu[i];
+        s_d[cc * kRow + t + i] = dd[i];
+        s_du[cc * kRow + t + i] = dd[i] * uu[i];
       }
     }
     if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
@@ -101,32 +102,34 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
     }
     __syncthreads();
 
-    // The recurrence over the chunk, one exp per (step, state).
-    const float* my_d = s_d + c * kChunk;
-    const float* my_du = s_du + c * kChunk;
-#pragma unroll 4
-    for (int t = 0; t < kChunk; ++t) {
-      const float dt = my_d[t];
-      const float dut = my_du[t];
-      float Bt[kSPT], Ct[kSPT];
-      if (p.B.is_variable) load_smem<kSPT>(s_B + t * npad + n0, Bt);
-      else {
+    // The recurrence over the chunk, one exp per (step, state), in groups of kGroup steps whose
+    // outputs are summed over the channel's threads together (independent shuffles).
+    const float* __restrict__ my_d = s_d + c * kRow;
+    const float* __restrict__ my_du = s_du + c * kRow;
+    for (int t8 = 0; t8 < kChunk; t8 += kGroup) {
+      float ys[kGroup];
 #pragma unroll
-        for (int j = 0; j < kSPT; ++j) Bt[j] = B_const[j];
-      }
-      if (p.C.is_variable) load_smem<kSPT>(s_C + t * npad + n0, Ct);
-      else {
+      for (int i = 0; i < kGroup; ++i) {
+        const int t = t8 + i;
+        const float dt = my_d[t];
+        const float dut = my_du[t];
+        float Bt[kSPT], Ct[kSPT];
+        load_smem<kSPT>(Bsrc + t * Bstep, Bt);
+        load_smem<kSPT>(Csrc + t * Cstep, Ct);
+        float y = 0.f;
 #pragma unroll
-        for (int j = 0; j < kSPT; ++j) Ct[j] = C_const[j];
+        for (int j = 0; j < kSPT; ++j) {
+          const float a = decay_exp2(dt * A2[j]);
+          h[j] = fmaf(a, h[j], dut * Bt[j]);
+          y = fmaf(Ct[j], h[j], y);
+        }
+        ys[i] = y;
       }
-      float y = 0.f;
+      channel_sum_group(ys, s.tpc);
+      if (q == 0) {
 #pragma unroll
-      for (int j = 0; j < kSPT; ++j) {
-        const float a = fast_exp2(dt * A2[j]);
-        h[j] = fmaf(a, h[j], dut * Bt[j]);
-        y = fmaf(Ct[j], h[j], y);
+        for (int i = 0; i < kGroup; ++i) s_y[c * kRow + t8 + i] = ys[i];
       }
-      s_y[t * s.threads + tid] = y;
     }
     __syncthreads();
 
@@ -139,12 +142,7 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
       const float Dd = D ? D[dc] : 0.f;
       float y[kVec];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const float* part = s_y + (t + i) * s.threads + cc * s.tpc;
-        float acc = 0.f;
-        for (int r = 0; r < s.tpc; ++r) acc += part[r];
-        y[i] = fmaf(Dd, s_u[cc * kChunk + t + i], acc);
-      }
+      for (int i = 0; i < kVec; ++i) y[i] = fmaf(Dd, s_u[cc * kRow + t + i], s_y[cc * kRow + t + i]);
       if (z_base) {
         float zz[kVec];
         load_vec(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned, zz);

@@ -1,5 +1,7 @@
 """selective_scan: Mamba's selective state-space scan (S6) as a PyTorch op, with CUDA and CPU
 kernels for forward and backward. See README.md and docs/api.md."""
+import torch  # noqa: F401  (loads libtorch, which the native library links against)
+
 from . import _C
 from .functional import CHECKPOINT_CHUNK, SelectiveScanFn, selective_scan, selective_scan_fn
 from .reference import selective_scan_parallel_ref, selective_scan_ref

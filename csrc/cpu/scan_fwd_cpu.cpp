@@ -1,0 +1,134 @@
+// CPU forward of the selective scan: out, the last state and the state before every chunk of
+// kCheckpointChunk steps, parallel over (batch, channel block), vectorised over dstate.
+// The algorithm is described in docs/cpu.md.
+#include <ATen/Parallel.h>
+
+#include "scan_cpu_common.h"
+
+namespace selective_scan {
+namespace {
+
+using namespace cpu;
+
+// Channels per forward task. The forward has no cross-channel sums, so this only sets the
+// granularity of the work and how many channels share one transposed B/C chunk.
+constexpr int64_t kFwdChannelBlock = 16;
+
+// Per-task working memory, all in compute type; state-sized rows have the padded length.
+template <typename T>
+struct FwdWorkspace {
+  int64_t ld;                 // padded dstate
+  std::vector<T> B, C;        // (kCheckpointChunk, ld) transposed chunk, or one row if time-invariant
+  std::vector<T> A;           // (ld) A[d, :]
+  std::vector<T> state;       // (kFwdChannelBlock, ld) running state of the block's channels
+  std::vector<T> u, delta, z, y, row_tmp;  // (kCheckpointChunk) per-step values of one row
+
+  explicit FwdWorkspace(int64_t dstate)
+      : ld(padded_dstate<T>(dstate)),
+        B(kCheckpointChunk * ld, T(0)), C(kCheckpointChunk * ld, T(0)), A(ld, T(0)),
+        state(kFwdChannelBlock * ld, T(0)), u(kCheckpointChunk), delta(kCheckpointChunk),
+        z(kCheckpointChunk), y(kCheckpointChunk), row_tmp(kCheckpointChunk) {}
+};
+
+// Channels blk.begin..blk.end of batch b, every chunk in order.
+template <typename T>
+void fwd_block(const ScanParams& p, const ChannelBlock& blk, int64_t b, FwdWorkspace<T>& ws) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  const int64_t N = p.dstate, L = p.seqlen, ld = ws.ld;
+  const int64_t n_chunks = num_checkpoints(L);
+  const T* A = static_cast<const T*>(p.A);
+  const T* D = static_cast<const T*>(p.D);
+  const T* delta_bias = static_cast<const T*>(p.delta_bias);
+  const T* initial_state = static_cast<const T*>(p.initial_state);
+  T* last_state = static_cast<T*>(p.last_state);
+  T* checkpoints = static_cast<T*>(p.checkpoints);
+  const int64_t B_step = p.B.is_variable ? ld : 0;  // buffer offset from one step to the next
+  const int64_t C_step = p.C.is_variable ? ld : 0;
+
+  for (int64_t d = blk.begin; d < blk.end; ++d) {
+    T* h = ws.state.data() + (d - blk.begin) * ld;
+    const int64_t row = b * p.dim + d;
+    for (int64_t n = 0; n < N; ++n) h[n] = initial_state ? initial_state[row * N + n] : T(0);
+  }
+
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t t0 = c * kCheckpointChunk, len = std::min(kCheckpointChunk, L - t0);
+    if (p.B.is_variable) load_bc_chunk(p.B, b, blk.group_B, t0, len, N, ld, ws.B.data(), ws.row_tmp.data());
+    if (p.C.is_variable) load_bc_chunk(p.C, b, blk.group_C, t0, len, N, ld, ws.C.data(), ws.row_tmp.data());
+
+    for (int64_t d = blk.begin; d < blk.end; ++d) {
+      const int64_t row = b * p.dim + d;
+      T* h = ws.state.data() + (d - blk.begin) * ld;
+      std::copy(h, h + N, checkpoints + (row * n_chunks + c) * N);
+      std::copy(A + d * N, A + d * N + N, ws.A.data());
+      if (!p.B.is_variable) load_bc_row(p.B, d, N, ws.B.data());
+      if (!p.C.is_variable) load_bc_row(p.C, d, N, ws.C.data());
+
+      T* u = ws.u.data();
+      T* dt = ws.delta.data();
+      load_elements(p.u.ptr, p.input_type, row_offset(p.u, b, d) + t0, len, u);
+      load_elements(p.delta.ptr, p.input_type, row_offset(p.delta, b, d) + t0, len, dt);
+      const T bias = delta_bias ? delta_bias[d] : T(0);
+      for (int64_t t = 0; t < len; ++t) {
+        const T x = dt[t] + bias;
+        dt[t] = p.delta_softplus ? softplus(x) : x;
+      }
+
+      // h_t = exp(d_t A) h_{t-1} + d_t u_t B_t;  y_t = C_t . h_t
+      const T* B_t = ws.B.data();
+      const T* C_t = ws.C.data();
+      const T* A_row = ws.A.data();
+      T* y = ws.y.data();
+      for (int64_t t = 0; t < len; ++t, B_t += B_step, C_t += C_step) {
+        const V dt_v(dt[t]), dtu_v(dt[t] * u[t]);
+        V acc(T(0));
+        for (int64_t n = 0; n < ld; n += W) {
+          const V decay = vec_exp(dt_v * V::loadu(A_row + n));
+          const V h_new = at::vec::fmadd(decay, V::loadu(h + n), dtu_v * V::loadu(B_t + n));
+          h_new.store(h + n);
+          acc = at::vec::fmadd(h_new, V::loadu(C_t + n), acc);
+        }
+        y[t] = lane_sum(acc);
+      }
+
+      const T D_d = D ? D[d] : T(0);
+      for (int64_t t = 0; t < len; ++t) y[t] += D_d * u[t];
+      if (p.z.ptr) {
+        T* z = ws.z.data();
+        load_elements(p.z.ptr, p.input_type, row_offset(p.z, b, d) + t0, len, z);
+        for (int64_t t = 0; t < len; ++t) y[t] *= z[t] * sigmoid(z[t]);
+      }
+      store_elements(y, len, p.out.ptr, p.input_type, row_offset(p.out, b, d) + t0);
+    }
+  }
+
+  for (int64_t d = blk.begin; d < blk.end; ++d) {
+    const T* h = ws.state.data() + (d - blk.begin) * ld;
+    std::copy(h, h + N, last_state + (b * p.dim + d) * N);
+  }
+}
+
+template <typename T>
+void scan_fwd_typed(const ScanParams& p) {
+  const std::vector<ChannelBlock> blocks = plan_channel_blocks(p.dim, p.B, p.C, kFwdChannelBlock);
+  const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  at::parallel_for(0, p.batch * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    FwdWorkspace<T> ws(p.dstate);
+    for (int64_t task = begin; task < end; ++task) {
+      fwd_block<T>(p, blocks[task % n_blocks], task / n_blocks, ws);
+    }
+  });
+}
+
+}  // namespace
+
+void scan_fwd_cpu(const ScanParams& params) {
+  if (params.input_type == ScalarKind::kFloat64) {
+    scan_fwd_typed<double>(params);
+  } else {
+    scan_fwd_typed<float>(params);
+  }
+}
+
+}  // namespace selective_scan
