@@ -3,6 +3,7 @@
 #   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice)
 #   tests  - the CUDA tests (pytest -m cuda)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
+#   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
 #   sanitize - compute-sanitizer memcheck and racecheck on a small forward + backward
 # Usage: bash benchmarks/gpu_run.sh [stage ...]   (default: tests bench). Logs and JSON go to $OUT.
 set -uo pipefail
@@ -33,6 +34,8 @@ for stage in "${stages[@]}"; do
       python3 -m pytest tests -m cuda -q -x --durations=15 2>&1 | tee "$OUT/tests_cuda.log"; rc=$((rc | PIPESTATUS[0])) ;;
     bench)
       python3 benchmarks/bench_scan.py --device cuda --out "$OUT/bench_h200.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
+    decode)
+      python3 benchmarks/bench_decode.py --device cuda --out "$OUT/decode_h200.json" 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     sanitize)
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/profile_shape.py 2 40 200 16 \

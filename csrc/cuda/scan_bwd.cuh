@@ -26,12 +26,14 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
 }
 
 template <typename input_t, int kSPT>
-__global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
+__global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
                                 const ScanBwdPartials parts) {
   const ScanParams& p = bp.fwd;
   extern __shared__ float4 smem_b4[];
   float* smem = reinterpret_cast<float*>(smem_b4);
-  const BwdSmem L = bwd_smem_layout(BlockShape{kSPT, s.tpc, s.cpb, s.threads});
+  const BlockShape shape{kSPT, s.tpc, s.cpb, s.threads};
+  const BwdSmem L = bwd_smem_layout(shape);
+  const bool warp_sums = bwd_warp_sums(shape);
   const int npad = L.npad;
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
@@ -45,9 +47,12 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
   float* s_sB = s_sA + kSub * s.threads;
   float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
   float* s_dCr = s_dBr + s.cpb * L.cstride;
+  float* s_wB = s_y;                    // reverse phase with warp_sums: [warp][kSub][npad] dB / dC
+  float* s_wC = s_wB + (s.threads / 32) * kSub * npad;
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
+  const int lane = tid & 31, warp = tid >> 5;
   const int c = tid / s.tpc;
   const int q = tid % s.tpc;
   const int n0 = q * kSPT;
@@ -73,6 +78,7 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
   const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
   const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
   float dD_acc = 0.f, dbias_acc = 0.f;
+  const float D_row = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
 
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
   const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
@@ -237,6 +243,43 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
           dCt[j] = dyt * hs[kk][j];
           G[j] = ag;
         }
+        if constexpr (kSPT == 4) {
+        if (warp_sums) {
+          // Sums over the channel's four threads; one of them forms du and ddelta of this step.
+          sA += __shfl_xor_sync(0xffffffffu, sA, 1);
+          sB += __shfl_xor_sync(0xffffffffu, sB, 1);
+          sA += __shfl_xor_sync(0xffffffffu, sA, 2);
+          sB += __shfl_xor_sync(0xffffffffu, sB, 2);
+          if (q == (kk & 3) && c_valid && t < len) {
+            const int e = c * kRow + t;
+            const float ut = s_u[e];
+            float ddt = fmaf(ut, sB, sA);
+            if (p.delta_softplus) ddt *= softplus_grad_from_value(dt);
+            s_du[e] = fmaf(dyt, D_row, dt * sB);
+            s_d[e] = ddt;
+            dbias_acc += ddt;
+            dD_acc = fmaf(dyt, ut, dD_acc);
+          }
+          // dB / dC summed over the warp's eight channels (invalid channels contribute zeros).
+          const int n_lane = n0 + 2 * ((lane >> 4) & 1) + ((lane >> 3) & 1);
+          const bool writer = ((lane >> 2) & 1) == 0;
+          if (p.B.is_variable) {
+            const float v = warp_channel_sum4(dBt, lane);
+            if (writer) s_wB[(warp * kSub + kk) * npad + n_lane] = v;
+          } else {
+#pragma unroll
+            for (int j = 0; j < kSPT; ++j) dB_acc[j] += dBt[j];
+          }
+          if (p.C.is_variable) {
+            const float v = warp_channel_sum4(dCt, lane);
+            if (writer) s_wC[(warp * kSub + kk) * npad + n_lane] = v;
+          } else {
+#pragma unroll
+            for (int j = 0; j < kSPT; ++j) dC_acc[j] += dCt[j];
+          }
+          continue;
+        }
+        }
         s_sA[kk * s.threads + tid] = sA;
         s_sB[kk * s.threads + tid] = sB;
         if (p.B.is_variable) store_smem<kSPT>(s_dBr + c * L.cstride + kk * npad + n0, dBt);
@@ -251,6 +294,27 @@ __global__ void __launch_bounds__(128) scan_bwd_kernel(const ScanBwdParams bp, c
         }
       }
       __syncthreads();
+
+      if (warp_sums) {
+        // dB / dC of the sub-chunk: the block's warps summed in warp order.
+        const int nwarps = s.threads / 32;
+        for (int o = tid; o < 2 * kSub * npad; o += s.threads) {
+          const bool is_C = o >= kSub * npad;
+          const int oc = is_C ? o - kSub * npad : o;
+          const int kk = oc / npad, n = oc % npad;
+          const int t = sub * kSub + kk;
+          if (!(is_C ? p.C.is_variable : p.B.is_variable) || t >= len || n >= dstate) continue;
+          const float* buf = (is_C ? s_wC : s_wB) + kk * npad + n;
+          float acc = 0.f;
+          for (int w = 0; w < nwarps; ++w) acc += buf[w * kSub * npad];
+          const BCParams& bc = is_C ? p.C : p.B;
+          const int64_t slot = is_C ? slotC : slotB;
+          const int64_t g = is_C ? rows.gC : rows.gB;
+          (is_C ? parts.dC : parts.dB)[(((slot * p.batch + rows.b) * bc.n_groups + g) * dstate + n) * p.seqlen + t0 + t] = acc;
+        }
+        __syncthreads();
+        continue;
+      }
 
       // Per (channel, step): du and ddelta from the sums over states, in place of d * u and d.
       if (c_valid) {

@@ -276,13 +276,34 @@ struct BwdSmem {
   int npad, cstride, hck, region, total;
 };
 
+// The backward's fast path for four threads of four states per channel (dstate 13..16): sums over
+// a channel's threads and over a warp's eight channels by shuffles, without shared-memory rows.
+__host__ __device__ inline bool bwd_warp_sums(const BlockShape& s) { return s.spt == 4 && s.tpc == 4; }
+
+// Sum over the 8 channels of a warp (lanes differing in bits 2..4) of x[0..3], the four states of
+// this lane's quarter: returns the sum for state 2 * bit4 + bit3 of the quarter, in a fixed order.
+template <int N>
+__device__ __forceinline__ float warp_channel_sum4(const float (&x)[N], int lane) {
+  static_assert(N >= 4, "four states per thread");
+  const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1;
+  const float k0 = b4 ? x[2] : x[0], k1 = b4 ? x[3] : x[1];
+  const float s0 = b4 ? x[0] : x[2], s1 = b4 ? x[1] : x[3];
+  const float y0 = k0 + __shfl_xor_sync(0xffffffffu, s0, 16);
+  const float y1 = k1 + __shfl_xor_sync(0xffffffffu, s1, 16);
+  float z = (b3 ? y1 : y0) + __shfl_xor_sync(0xffffffffu, b3 ? y0 : y1, 8);
+  return z + __shfl_xor_sync(0xffffffffu, z, 4);
+}
+
 __host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
   BwdSmem l;
   l.npad = s.tpc * s.spt;
   l.cstride = kSub * l.npad + kRedPad;
   l.hck = (kChunk / kSub) * s.threads * s.spt;
   const int fwd_part = s.cpb * kRow;
-  const int rev_part = 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
+  // Reverse phase: per-warp channel sums of dB / dC when the warp reduces them by shuffles
+  // (bwd_warp_sums), else per-thread sums over states and per-channel dB / dC rows.
+  const int rev_part = bwd_warp_sums(s) ? 2 * (s.threads / 32) * kSub * l.npad
+                                        : 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
   l.region = fwd_part > rev_part ? fwd_part : rev_part;
   l.total = 2 * kChunk * l.npad + 4 * s.cpb * kRow + l.hck + l.region;
   return l;

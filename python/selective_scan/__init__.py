@@ -5,6 +5,8 @@ import torch  # noqa: F401  (loads libtorch, which the native library links agai
 from . import _C
 from .functional import CHECKPOINT_CHUNK, SelectiveScanFn, selective_scan, selective_scan_fn
 from .reference import selective_scan_parallel_ref, selective_scan_ref
+from .decode import selective_state_update, selective_state_update_ref
+from . import nn, ssm  # noqa: E402  (modules, generation, SSM tools; see docs/modules.md)
 
 __version__ = _C.__version__
 
@@ -15,4 +17,5 @@ def build_info() -> dict:
 
 
 __all__ = ["selective_scan", "selective_scan_fn", "SelectiveScanFn", "selective_scan_ref",
-           "selective_scan_parallel_ref", "build_info", "CHECKPOINT_CHUNK", "__version__"]
+           "selective_scan_parallel_ref", "build_info",
+           "selective_state_update", "selective_state_update_ref", "nn", "ssm", "CHECKPOINT_CHUNK", "__version__"]

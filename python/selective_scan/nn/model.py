@@ -1,0 +1,239 @@
+"""The Mamba language model: `MambaConfig`, the `MixerModel` backbone and `MambaLMHeadModel` with
+mamba-ssm's parameter names (a mamba-ssm state_dict loads with load_state_dict), its initialisation,
+and `generate`: prefill with the scan, then one fused decode step per token from the cache."""
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .block import Block, RMSNorm
+from .cache import InferenceParams
+from .mamba import Mamba
+
+CausalLMOutput = namedtuple("CausalLMOutput", ["logits"])
+
+
+@dataclass
+class MambaConfig:
+    """mamba-ssm's config fields (same names and defaults), plus norm_epsilon. Only the Mamba-1 mixer
+    with no MLP and no attention layers is supported: d_intermediate == 0, attn_layer_idx empty,
+    ssm_cfg["layer"] absent or "Mamba1"."""
+
+    d_model: int = 2560
+    d_intermediate: int = 0
+    n_layer: int = 64
+    vocab_size: int = 50277
+    ssm_cfg: dict = field(default_factory=dict)
+    attn_layer_idx: list = field(default_factory=list)
+    attn_cfg: dict = field(default_factory=dict)
+    rms_norm: bool = True
+    residual_in_fp32: bool = True
+    fused_add_norm: bool = True
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
+    norm_epsilon: float = 1e-5
+
+    def padded_vocab_size(self) -> int:
+        m = max(1, int(self.pad_vocab_size_multiple))
+        return (self.vocab_size + m - 1) // m * m
+
+    def validate(self) -> None:
+        if self.d_intermediate != 0:
+            raise NotImplementedError(
+                f"MambaConfig: d_intermediate = {self.d_intermediate}: only d_intermediate = 0 (no MLP) is supported")
+        if self.attn_layer_idx:
+            raise NotImplementedError(
+                f"MambaConfig: attn_layer_idx = {self.attn_layer_idx}: attention layers are not supported")
+        layer = (self.ssm_cfg or {}).get("layer", "Mamba1")
+        if layer != "Mamba1":
+            raise NotImplementedError(f"MambaConfig: ssm_cfg layer = {layer!r}: only 'Mamba1' is supported")
+
+
+def create_block(d_model: int, ssm_cfg: Optional[dict] = None, norm_epsilon: float = 1e-5,
+                 rms_norm: bool = True, residual_in_fp32: bool = True, fused_add_norm: bool = True,
+                 layer_idx: Optional[int] = None, device=None, dtype=None) -> Block:
+    factory = {"device": device, "dtype": dtype}
+    cfg = dict(ssm_cfg or {})
+    cfg.pop("layer", None)
+    mixer_cls = partial(Mamba, layer_idx=layer_idx, **cfg, **factory)
+    norm_cls = partial(RMSNorm if rms_norm else nn.LayerNorm, eps=norm_epsilon, **factory)
+    block = Block(d_model, mixer_cls, None, norm_cls=norm_cls, fused_add_norm=fused_add_norm,
+                  residual_in_fp32=residual_in_fp32)
+    block.layer_idx = layer_idx
+    return block
+
+
+def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02,
+                  rescale_prenorm_residual: bool = True, n_residuals_per_layer: int = 1) -> None:
+    """Linear biases to zero (except those marked _no_reinit), embeddings N(0, initializer_range),
+    and out_proj weights rescaled by 1/sqrt(n_residuals_per_layer * n_layer) (GPT-2 style)."""
+    if isinstance(module, nn.Linear):
+        if module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=initializer_range)
+    if rescale_prenorm_residual:
+        for name, p in module.named_parameters(recurse=False):
+            if name == "weight" and isinstance(module, nn.Linear) and getattr(module, "_is_out_proj", False):
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+                with torch.no_grad():
+                    p /= math.sqrt(n_residuals_per_layer * n_layer)
+
+
+class MixerModel(nn.Module):
+    """embedding -> layers (Block) -> final add and norm_f."""
+
+    def __init__(self, d_model: int, n_layer: int, vocab_size: int, ssm_cfg: Optional[dict] = None,
+                 norm_epsilon: float = 1e-5, rms_norm: bool = True, initializer_cfg: Optional[dict] = None,
+                 fused_add_norm: bool = True, residual_in_fp32: bool = True, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.residual_in_fp32 = residual_in_fp32
+        self.fused_add_norm = fused_add_norm
+        self.embedding = nn.Embedding(vocab_size, d_model, **factory)
+        self.layers = nn.ModuleList([
+            create_block(d_model, ssm_cfg=ssm_cfg, norm_epsilon=norm_epsilon, rms_norm=rms_norm,
+                         residual_in_fp32=residual_in_fp32, fused_add_norm=fused_add_norm, layer_idx=i,
+                         **factory)
+            for i in range(n_layer)])
+        self.norm_f = (RMSNorm if rms_norm else nn.LayerNorm)(d_model, eps=norm_epsilon, **factory)
+        for layer in self.layers:
+            layer.mixer.out_proj._is_out_proj = True
+        self.apply(partial(_init_weights, n_layer=n_layer, **(initializer_cfg or {})))
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):
+        return {i: layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+                for i, layer in enumerate(self.layers)}
+
+    def forward(self, input_ids: torch.Tensor, inference_params: Optional[InferenceParams] = None):
+        hidden_states = self.embedding(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params)
+        residual = hidden_states + residual if residual is not None else hidden_states
+        return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.0,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next tokens (batch,) from logits (batch, vocab): greedy when temperature == 0 or top_k == 1;
+    else softmax(logits / temperature) restricted to the top_k tokens (top_k > 0) and to the smallest
+    set whose probability reaches top_p (0 < top_p < 1), sampled."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    if temperature < 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k > 0:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # the tokens past the nucleus; the first stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class MambaLMHeadModel(nn.Module):
+    """backbone (MixerModel) and lm_head (tied to backbone.embedding when config.tie_embeddings), the
+    vocabulary padded to a multiple of config.pad_vocab_size_multiple.
+
+    forward(input_ids, position_ids=None, inference_params=None, num_last_tokens=0) returns
+    CausalLMOutput(logits) with logits (batch, seqlen or num_last_tokens, padded vocab).
+    """
+
+    def __init__(self, config: MambaConfig, initializer_cfg: Optional[dict] = None, device=None, dtype=None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        factory = {"device": device, "dtype": dtype}
+        vocab_size = config.padded_vocab_size()
+        self.backbone = MixerModel(
+            d_model=config.d_model, n_layer=config.n_layer, vocab_size=vocab_size, ssm_cfg=config.ssm_cfg,
+            norm_epsilon=config.norm_epsilon, rms_norm=config.rms_norm, initializer_cfg=initializer_cfg,
+            fused_add_norm=config.fused_add_norm, residual_in_fp32=config.residual_in_fp32, **factory)
+        self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False, **factory)
+        self.apply(partial(_init_weights, n_layer=config.n_layer, **(initializer_cfg or {})))
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):
+        return self.backbone.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor, position_ids=None,
+                inference_params: Optional[InferenceParams] = None, num_last_tokens: int = 0):
+        hidden_states = self.backbone(input_ids, inference_params=inference_params)
+        if num_last_tokens > 0:
+            hidden_states = hidden_states[:, -num_last_tokens:]
+        return CausalLMOutput(logits=self.lm_head(hidden_states))
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 0.0, eos_token_id: Optional[int] = None, *,
+                 use_cache: bool = True, generator: Optional[torch.Generator] = None,
+                 output_logits: bool = False):
+        """Extend input_ids (batch, prompt_len) by up to max_new_tokens tokens.
+
+        With use_cache (default), the prompt is prefilled by the scan and every further token costs
+        one fused step per layer from a fixed-size cache: O(1) time and memory per token. With
+        use_cache=False the whole sequence is re-run at every step (the reference). Greedy when
+        temperature == 0 or top_k == 1. A sequence that emits eos_token_id keeps emitting it; the
+        loop ends early once all have. Returns the ids (batch, prompt_len + generated), and with
+        output_logits also the logits of each generated position (batch, generated, vocab_size).
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids: expected shape (batch, prompt_len >= 1), got {tuple(input_ids.shape)}")
+        batch, prompt_len = input_ids.shape
+        vocab = self.config.vocab_size
+        params = InferenceParams(max_seqlen=prompt_len + max_new_tokens, max_batch_size=batch) if use_cache else None
+        ids = input_ids
+        step_input = input_ids
+        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+        all_logits = []
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self(step_input, inference_params=params, num_last_tokens=1).logits[:, -1]
+                params.seqlen_offset += step_input.shape[1]
+            else:
+                logits = self(ids, num_last_tokens=1).logits[:, -1]
+            logits = logits[:, :vocab]
+            if output_logits:
+                all_logits.append(logits.float())
+            token = sample_logits(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                finished |= token == eos_token_id
+            ids = torch.cat([ids, token[:, None].to(ids.dtype)], dim=1)
+            step_input = ids[:, -1:]
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        if output_logits:
+            stacked = torch.stack(all_logits, dim=1) if all_logits else ids.new_zeros((batch, 0, vocab)).float()
+            return ids, stacked
+        return ids
+
+    @classmethod
+    def from_hf_state_dict(cls, state_dict, hf_config, device=None, dtype=None) -> "MambaLMHeadModel":
+        """A model built from a HuggingFace transformers MambaForCausalLM config (an object or dict)
+        and state_dict; see selective_scan.nn.hf."""
+        from .hf import mamba_config_from_hf, load_hf_mamba_state_dict
+        config = mamba_config_from_hf(hf_config)
+        model = cls(config, device=device, dtype=dtype)
+        model.load_state_dict(load_hf_mamba_state_dict(state_dict, config))
+        return model
+
+
+__all__ = ["MambaConfig", "MixerModel", "MambaLMHeadModel", "CausalLMOutput", "create_block", "sample_logits"]
