@@ -110,8 +110,11 @@ def main(argv=None):
     ap.add_argument("--working-set-mib", type=float, default=512.0,
                     help="states are rotated over enough buffers to exceed this (beats the L2), capped at 64")
     ap.add_argument("--shapes", default="", help="e.g. 1x5120x16,64x5120x16 (default: the four standard ones)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = args.device
     cuda = dev == "cuda"
     calls = args.calls or (200 if cuda else 5)

@@ -3,6 +3,7 @@ output and in-place state against a float64 plain-PyTorch step across dtypes, gr
 strides and devices; input checks; opcheck."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from selective_scan import selective_state_update, selective_state_update_ref
 
@@ -191,3 +192,18 @@ def test_compiles_without_graph_breaks():
     ref = selective_state_update(ref_state, *args[:5], args[5], args[6], args[7], True) * 2
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(inp["state"], ref_state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softplus_and_silu_over_a_wide_range(device):
+    """With A = 0, B = C = x = 1 and a zero state, the new state is softplus(dt) and the output
+    silu(z) times it: both checked against float64 from dt, z = -80 to 30 (and the threshold 20)."""
+    v = torch.cat([torch.linspace(-80, 30, 20001), torch.tensor([-1e-3, 0.0, 1e-5, 19.999, 20.001, 88.0])])
+    n = v.numel()
+    state = torch.zeros(n, 1, 1, device=device)
+    ones = torch.ones(n, 1, device=device)
+    out = selective_state_update(state, ones, v[:, None].to(device), torch.zeros(1, 1, device=device), ones, ones,
+                                 z=v[:, None].to(device), dt_softplus=True)
+    sp = F.softplus(v.double())
+    torch.testing.assert_close(state[:, 0, 0].double().cpu(), sp, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[:, 0].double().cpu(), sp * F.silu(v.double()), rtol=3e-6, atol=1e-30)
