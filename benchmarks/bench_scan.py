@@ -89,35 +89,38 @@ def percentile(values, q):
 
 def time_calls(step, device, budget_s, min_reps, max_reps, warmup):
     """Per-call times in microseconds: CUDA events around each call on GPU, perf_counter on CPU.
-    The repeat count fills `budget_s`, within [min_reps, max_reps]."""
+    The first timed call also sizes the run: the repeat count fills `budget_s`, within
+    [min_reps, max_reps]."""
     for _ in range(warmup):
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
+
+    def timed_once():
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            return 1e3 * start.elapsed_time(end)
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
-        est = time.perf_counter() - t0
-    else:
-        t0 = time.perf_counter()
-        step()
-        est = time.perf_counter() - t0
-    reps = int(max(min_reps, min(max_reps, budget_s / max(est, 1e-9))))
-    times = []
-    if device == "cuda":
+        return 1e6 * (time.perf_counter() - t0)
+
+    first = timed_once()
+    reps = int(max(min_reps, min(max_reps, budget_s / max(first * 1e-6, 1e-9))))
+    times = [first]
+    if device == "cuda" and reps > 1:  # back to back, one event pair per call
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
+                  for _ in range(reps - 1)]
         for start, end in events:
             start.record()
             step()
             end.record()
         torch.cuda.synchronize()
-        times = [1e3 * s.elapsed_time(e) for s, e in events]
+        times += [1e3 * s.elapsed_time(e) for s, e in events]
     else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            step()
-            times.append(1e6 * (time.perf_counter() - t0))
+        times += [timed_once() for _ in range(reps - 1)]
     return times
 
 
@@ -236,22 +239,23 @@ def bench_one(provider, fn, shape, dtype_name, direction, device, args):
     if device == "cuda":
         budget, min_reps, max_reps, warmup = (0.3, 3, 20, 1) if slow else (1.0, 10, 200, 3)
     else:
-        budget, min_reps, max_reps, warmup = (0.5, 1, 3, 0) if slow else (2.0, 5, 100, 1)
+        budget, min_reps, max_reps, warmup = (0.5, 1, 3, 0) if slow else (2.0, 5, 100, 0)
     if args.quick:
         budget, min_reps, max_reps = budget / 4, min(min_reps, 3), max(min(max_reps, 10), 1)
     try:
         step = make_steps(fn, kw, direction, device)
-        times = time_calls(step, device, budget, min_reps, max_reps, warmup)
-        rec.update(median_us=statistics.median(times), p20_us=percentile(times, 0.2),
-                   p80_us=percentile(times, 0.8), reps=len(times))
-        if device == "cuda":
-            rec["peak_mem_bytes"] = cuda_peak_bytes(step)
-        else:
+        if device == "cpu":  # the profiled call (untimed) doubles as the warm-up
             try:
                 rec["peak_mem_bytes"] = cpu_peak_bytes(step)
             except Exception as err:  # profiler internals differ in this torch version
                 rec["peak_mem_bytes"] = None
                 rec["mem_note"] = f"not measured: {type(err).__name__}: {err}"
+                warmup = max(warmup, 1)
+        times = time_calls(step, device, budget, min_reps, max_reps, warmup)
+        rec.update(median_us=statistics.median(times), p20_us=percentile(times, 0.2),
+                   p80_us=percentile(times, 0.8), reps=len(times))
+        if device == "cuda":
+            rec["peak_mem_bytes"] = cuda_peak_bytes(step)
     except Exception as err:
         if not is_oom(err):
             raise
@@ -339,6 +343,7 @@ def machine_info(device):
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

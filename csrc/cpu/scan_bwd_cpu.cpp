@@ -4,13 +4,14 @@
 #include <ATen/Parallel.h>
 
 #include "scan_cpu_common.h"
+#include "scan_cpu_dispatch.h"
 
 namespace selective_scan {
+namespace cpu {
+namespace SELECTIVE_SCAN_CPU_ISA {
 namespace {
 
-using namespace cpu;
-
-constexpr int64_t K = kCheckpointChunk;
+constexpr int64_t K = kChunk;
 
 // Channels per backward task. Partial dB/dC of variable B/C are summed per block of this many
 // channels, then over the blocks in order: a constant, so the sums do not depend on the threads.
@@ -29,12 +30,12 @@ struct BwdWorkspace {
   std::vector<T> decays;        // (K, ld): exp(d_t A)
   std::vector<T> adjoint;       // (ld): exp(d_{t+1} A) g_{t+1}, carried backwards
   std::vector<T> dA_acc, dB_acc, dC_acc;  // (ld): sums over the chunk of one row
-  std::vector<T> u, dt, dsoftplus, dout, z, dy, y, du, ddelta, dz, row_tmp;  // (K)
+  std::vector<T> u, dt, dsoftplus, dout, z, gate, dy, y, du, ddelta, dz, row_tmp;  // (K)
 
   explicit BwdWorkspace(int64_t dstate)
       : ld(padded_dstate<T>(dstate)), B(K * ld, T(0)), C(K * ld, T(0)), A(ld, T(0)),
         states((K + 1) * ld, T(0)), decays(K * ld, T(0)), adjoint(ld, T(0)), dA_acc(ld), dB_acc(ld),
-        dC_acc(ld), u(K), dt(K), dsoftplus(K), dout(K), z(K), dy(K), y(K), du(K), ddelta(K), dz(K),
+        dC_acc(ld), u(K), dt(K), dsoftplus(K), dout(K), z(K), gate(K), dy(K), y(K), du(K), ddelta(K), dz(K),
         row_tmp(K) {}
 };
 
@@ -82,20 +83,20 @@ void bwd_row_chunk(const ScanBwdParams& bp, int64_t b, int64_t d, int64_t c, Bwd
   load_elements(p.delta.ptr, p.input_type, row_offset(p.delta, b, d) + t0, len, dt);
   load_elements(bp.dout.ptr, p.input_type, row_offset(bp.dout, b, d) + t0, len, dout);
   const T bias = delta_bias ? delta_bias[d] : T(0);
-  for (int64_t t = 0; t < len; ++t) {
-    const T x = dt[t] + bias;
-    if (p.delta_softplus) {
-      dt[t] = softplus(x);
-      dsoftplus[t] = softplus_grad(x);
-    } else {
-      dt[t] = x;
+  if (p.delta_softplus) {
+    softplus_row(dt, dsoftplus, bias);
+  } else {
+    for (int64_t t = 0; t < len; ++t) {
+      dt[t] += bias;
       dsoftplus[t] = T(1);
     }
   }
   T* z = ws.z.data();
+  T* gate = ws.gate.data();
   if (p.z.ptr) {
     load_elements(p.z.ptr, p.input_type, row_offset(p.z, b, d) + t0, len, z);
-    for (int64_t t = 0; t < len; ++t) dy[t] = dout[t] * z[t] * sigmoid(z[t]);
+    sigmoid_row(z, gate);
+    for (int64_t t = 0; t < len; ++t) dy[t] = dout[t] * z[t] * gate[t];
   } else {
     std::copy(dout, dout + len, dy);
   }
@@ -108,38 +109,20 @@ void bwd_row_chunk(const ScanBwdParams& bp, int64_t b, int64_t d, int64_t c, Bwd
   const int64_t B_step = p.B.is_variable ? ld : 0;
   const int64_t C_step = p.C.is_variable ? ld : 0;
 
-  // Recompute h_t of the chunk from its checkpoint, and exp(d_t A).
+  // Recompute h_t of the chunk from its checkpoint, and exp(d_t A); with a gate also y_t before
+  // gating (y_t = C_t . h_t + D u_t) for dz_t = dout_t y_t silu'(z_t).
   T* states = ws.states.data();
   T* decays = ws.decays.data();
   const T* checkpoint = static_cast<const T*>(bp.checkpoints) + (row * n_chunks + c) * N;
   std::copy(checkpoint, checkpoint + N, states);
-  {
-    const T* B_t = ws.B.data();
-    for (int64_t t = 0; t < len; ++t, B_t += B_step) {
-      const V dt_v(dt[t]), dtu_v(dt[t] * u[t]);
-      const T* h_prev = states + t * ld;
-      T* h = states + (t + 1) * ld;
-      T* decay_t = decays + t * ld;
-      for (int64_t n = 0; n < ld; n += W) {
-        const V decay = vec_exp(dt_v * V::loadu(A_row + n));
-        decay.store(decay_t + n);
-        at::vec::fmadd(decay, V::loadu(h_prev + n), dtu_v * V::loadu(B_t + n)).store(h + n);
-      }
-    }
-  }
-
-  // Gate gradient: needs y_t before gating, y_t = C_t . h_t + D u_t.
+  T* y = p.z.ptr ? ws.y.data() : nullptr;
+  scan_chunk(dt, u, A_row, ws.B.data(), B_step, ws.C.data(), C_step, ld, len, static_cast<T*>(nullptr),
+             y, states, decays);
   if (p.z.ptr) {
-    T* y = ws.y.data();
     T* dz = ws.dz.data();
-    const T* C_t = ws.C.data();
-    for (int64_t t = 0; t < len; ++t, C_t += C_step) {
-      const T* h = states + (t + 1) * ld;
-      V acc(T(0));
-      for (int64_t n = 0; n < ld; n += W) acc = at::vec::fmadd(V::loadu(h + n), V::loadu(C_t + n), acc);
-      y[t] = lane_sum(acc) + D_d * u[t];
-      const T s = sigmoid(z[t]);
-      dz[t] = dout[t] * y[t] * (s * (T(1) + z[t] * (T(1) - s)));
+    for (int64_t t = 0; t < len; ++t) {
+      const T s = gate[t];
+      dz[t] = dout[t] * (y[t] + D_d * u[t]) * (s * (T(1) + z[t] * (T(1) - s)));
     }
     store_elements(dz, len, bp.dz.ptr, p.input_type, row_offset(bp.dz, b, d) + t0);
   }
@@ -322,12 +305,25 @@ void scan_bwd_typed(const ScanBwdParams& bp) {
 
 }  // namespace
 
-void scan_bwd_cpu(const ScanBwdParams& params) {
+void scan_bwd(const ScanBwdParams& params) {
   if (params.fwd.input_type == ScalarKind::kFloat64) {
     scan_bwd_typed<double>(params);
   } else {
     scan_bwd_typed<float>(params);
   }
 }
+
+}  // namespace SELECTIVE_SCAN_CPU_ISA
+}  // namespace cpu
+
+#ifndef SELECTIVE_SCAN_CPU_ISA_VARIANT
+void scan_bwd_cpu(const ScanBwdParams& params) {
+  if (const cpu::IsaKernels* avx2 = cpu::avx2_kernels()) {
+    avx2->scan_bwd(params);
+  } else {
+    cpu::generic::scan_bwd(params);
+  }
+}
+#endif
 
 }  // namespace selective_scan

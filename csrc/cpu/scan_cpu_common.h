@@ -1,8 +1,10 @@
 // Helpers shared by the CPU selective-scan kernels (scan_fwd_cpu.cpp, scan_bwd_cpu.cpp): element
-// conversion of rows and B/C chunks into compute-type buffers, a vectorised exp, softplus and silu,
+// conversion of rows and B/C chunks into compute-type buffers, vectorised exp, softplus and sigmoid,
 // and the fixed partition of the channels into blocks that never straddle a B or C group.
+// Everything lives in namespace cpu::SELECTIVE_SCAN_CPU_ISA, one per instruction set compiled.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -15,8 +17,15 @@
 
 #include "../selective_scan.h"
 
+#ifndef SELECTIVE_SCAN_CPU_ISA
+#define SELECTIVE_SCAN_CPU_ISA generic
+#endif
+
 namespace selective_scan {
 namespace cpu {
+namespace SELECTIVE_SCAN_CPU_ISA {
+
+constexpr int64_t kChunk = kCheckpointChunk;
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -136,32 +145,103 @@ inline Vec<double> vec_exp(const Vec<double>& x) {
   return Vec<double>::loadu(lanes);
 }
 
-// Sum of the lanes in a fixed order.
+// Sum of the lanes, by ATen's fixed-order shuffle reduction.
 template <typename T>
 inline T lane_sum(const Vec<T>& v) {
-  constexpr int w = Vec<T>::size();
-  T lanes[w];
-  v.store(lanes);
-  T s = lanes[0];
-  for (int i = 1; i < w; ++i) s += lanes[i];
-  return s;
+  return at::vec::vec_reduce_all([](Vec<T>& a, Vec<T>& b) { return a + b; }, v);
 }
 
-// torch's softplus (beta 1, threshold 20) and its derivative (torch's softplus_backward).
+// The recurrence over one chunk of one row: for t < len,
+//   h_t = exp(d_t A) h_{t-1} + d_t u_t B_t,  y[t] = C_t . h_t  (y may be null),
+// with B_t = B + t * B_step (C likewise; step 0 for time-invariant rows) and vectors of the padded
+// length ld. Without `states`, h holds h_{-1} and is updated in place. With it, states[0..ld)
+// holds h_{-1}, row t + 1 receives h_t and row t of `decays` receives exp(d_t A).
 template <typename T>
-inline T softplus(T x) {
-  return x > T(20) ? x : std::log1p(std::exp(x));
-}
-template <typename T>
-inline T softplus_grad(T x) {
-  if (x > T(20)) return T(1);
-  const T e = std::exp(x);
-  return e / (e + T(1));
+inline void scan_chunk(const T* dt, const T* u, const T* A_row, const T* B, int64_t B_step, const T* C,
+                       int64_t C_step, int64_t ld, int64_t len, T* h, T* y, T* states, T* decays) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  T* h_base = states ? states : h;
+  const int64_t h_step = states ? ld : 0;
+  for (int64_t t = 0; t < len; ++t) {
+    const V dt_v(dt[t]), dtu_v(dt[t] * u[t]);
+    const T* h_prev = h_base + t * h_step;
+    T* h_next = h_base + (t + 1) * h_step;
+    const T* B_t = B + t * B_step;
+    const T* C_t = C + t * C_step;
+    V acc(T(0));
+    for (int64_t n = 0; n < ld; n += W) {
+      const V decay = vec_exp(dt_v * V::loadu(A_row + n));
+      const V h_t = at::vec::fmadd(decay, V::loadu(h_prev + n), dtu_v * V::loadu(B_t + n));
+      h_t.store(h_next + n);
+      if (decays) decay.store(decays + t * ld + n);
+      if (y) acc = at::vec::fmadd(h_t, V::loadu(C_t + n), acc);
+    }
+    if (y) y[t] = lane_sum(acc);
+  }
 }
 
-template <typename T>
-inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+// Row functions over kChunk values (buffers of kChunk elements; lanes past the chunk's length hold
+// stale but finite values and are never read back).
+
+// x = dt[i] + bias; dt[i] <- softplus(x), grad[i] <- softplus'(x) (grad may be null), as torch's
+// softplus with threshold 20: x above it passes through with derivative exactly 1. Below it,
+// softplus(x) = max(x, 0) + log1p(v) with v = exp(-|x|) in (0, 1], log1p(v) = 2 atanh(s) with
+// s = v / (2 + v) in [0, 1/3] summed as a series in s^2 (truncation below 2e-9 relative), and
+// softplus'(x) = sigmoid(x) = (x >= 0 ? 1 : v) / (1 + v).
+inline void softplus_row(float* dt, float* grad, float bias) {
+  using V = Vec<float>;
+  const V threshold(20.0f), zero(0.0f), one(1.0f);
+  for (int64_t i = 0; i < kChunk; i += V::size()) {
+    const V x = V::loadu(dt + i) + V(bias);
+    const V v = vec_exp(zero - x.abs());
+    const V s = v / (V(2.0f) + v);
+    const V s2 = s * s;
+    V series(1.0f / 15.0f);
+    series = at::vec::fmadd(series, s2, V(1.0f / 13.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 11.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 9.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 7.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 5.0f));
+    series = at::vec::fmadd(series, s2, V(1.0f / 3.0f));
+    series = at::vec::fmadd(series, s2, one);
+    const V softplus = at::vec::maximum(x, zero) + V(2.0f) * s * series;
+    const V above = x > threshold;
+    V::blendv(softplus, x, above).store(dt + i);
+    if (grad) {
+      const V sig = V::blendv(v, one, x >= zero) / (one + v);
+      V::blendv(sig, one, above).store(grad + i);
+    }
+  }
+}
+
+inline void softplus_row(double* dt, double* grad, double bias) {
+  for (int64_t i = 0; i < kChunk; ++i) {
+    const double x = dt[i] + bias;
+    if (x > 20.0) {
+      dt[i] = x;
+      if (grad) grad[i] = 1.0;
+    } else {
+      const double e = std::exp(x);
+      dt[i] = std::log1p(e);
+      if (grad) grad[i] = e / (e + 1.0);
+    }
+  }
+}
+
+// out[i] = sigmoid(z[i]). float: (z >= 0 ? 1 : v) / (1 + v) with v = exp(-|z|).
+inline void sigmoid_row(const float* z, float* out) {
+  using V = Vec<float>;
+  const V zero(0.0f), one(1.0f);
+  for (int64_t i = 0; i < kChunk; i += V::size()) {
+    const V x = V::loadu(z + i);
+    const V v = vec_exp(zero - x.abs());
+    (V::blendv(v, one, x >= zero) / (one + v)).store(out + i);
+  }
+}
+
+inline void sigmoid_row(const double* z, double* out) {
+  for (int64_t i = 0; i < kChunk; ++i) out[i] = 1.0 / (1.0 + std::exp(-z[i]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -193,5 +273,6 @@ inline std::vector<ChannelBlock> plan_channel_blocks(int64_t dim, const BCParams
   return blocks;
 }
 
+}  // namespace SELECTIVE_SCAN_CPU_ISA
 }  // namespace cpu
 }  // namespace selective_scan

@@ -1,14 +1,15 @@
 // CPU forward of the selective scan: out, the last state and the state before every chunk of
 // kCheckpointChunk steps, parallel over (batch, channel block), vectorised over dstate.
-// The algorithm is described in docs/cpu.md.
+// The algorithm is described in docs/cpu.md; scan_cpu_dispatch.h says how it is compiled.
 #include <ATen/Parallel.h>
 
 #include "scan_cpu_common.h"
+#include "scan_cpu_dispatch.h"
 
 namespace selective_scan {
+namespace cpu {
+namespace SELECTIVE_SCAN_CPU_ISA {
 namespace {
-
-using namespace cpu;
 
 // Channels per forward task. The forward has no cross-channel sums, so this only sets the
 // granularity of the work and how many channels share one transposed B/C chunk.
@@ -21,20 +22,18 @@ struct FwdWorkspace {
   std::vector<T> B, C;        // (kCheckpointChunk, ld) transposed chunk, or one row if time-invariant
   std::vector<T> A;           // (ld) A[d, :]
   std::vector<T> state;       // (kFwdChannelBlock, ld) running state of the block's channels
-  std::vector<T> u, delta, z, y, row_tmp;  // (kCheckpointChunk) per-step values of one row
+  std::vector<T> u, delta, z, gate, y, row_tmp;  // (kCheckpointChunk) per-step values of one row
 
   explicit FwdWorkspace(int64_t dstate)
       : ld(padded_dstate<T>(dstate)),
         B(kCheckpointChunk * ld, T(0)), C(kCheckpointChunk * ld, T(0)), A(ld, T(0)),
         state(kFwdChannelBlock * ld, T(0)), u(kCheckpointChunk), delta(kCheckpointChunk),
-        z(kCheckpointChunk), y(kCheckpointChunk), row_tmp(kCheckpointChunk) {}
+        z(kCheckpointChunk), gate(kCheckpointChunk), y(kCheckpointChunk), row_tmp(kCheckpointChunk) {}
 };
 
 // Channels blk.begin..blk.end of batch b, every chunk in order.
 template <typename T>
 void fwd_block(const ScanParams& p, const ChannelBlock& blk, int64_t b, FwdWorkspace<T>& ws) {
-  using V = Vec<T>;
-  constexpr int64_t W = V::size();
   const int64_t N = p.dstate, L = p.seqlen, ld = ws.ld;
   const int64_t n_chunks = num_checkpoints(L);
   const T* A = static_cast<const T*>(p.A);
@@ -70,34 +69,24 @@ void fwd_block(const ScanParams& p, const ChannelBlock& blk, int64_t b, FwdWorks
       load_elements(p.u.ptr, p.input_type, row_offset(p.u, b, d) + t0, len, u);
       load_elements(p.delta.ptr, p.input_type, row_offset(p.delta, b, d) + t0, len, dt);
       const T bias = delta_bias ? delta_bias[d] : T(0);
-      for (int64_t t = 0; t < len; ++t) {
-        const T x = dt[t] + bias;
-        dt[t] = p.delta_softplus ? softplus(x) : x;
+      if (p.delta_softplus) {
+        softplus_row(dt, static_cast<T*>(nullptr), bias);
+      } else {
+        for (int64_t t = 0; t < len; ++t) dt[t] += bias;
       }
 
-      // h_t = exp(d_t A) h_{t-1} + d_t u_t B_t;  y_t = C_t . h_t
-      const T* B_t = ws.B.data();
-      const T* C_t = ws.C.data();
-      const T* A_row = ws.A.data();
       T* y = ws.y.data();
-      for (int64_t t = 0; t < len; ++t, B_t += B_step, C_t += C_step) {
-        const V dt_v(dt[t]), dtu_v(dt[t] * u[t]);
-        V acc(T(0));
-        for (int64_t n = 0; n < ld; n += W) {
-          const V decay = vec_exp(dt_v * V::loadu(A_row + n));
-          const V h_new = at::vec::fmadd(decay, V::loadu(h + n), dtu_v * V::loadu(B_t + n));
-          h_new.store(h + n);
-          acc = at::vec::fmadd(h_new, V::loadu(C_t + n), acc);
-        }
-        y[t] = lane_sum(acc);
-      }
+      scan_chunk(dt, u, ws.A.data(), ws.B.data(), B_step, ws.C.data(), C_step, ld, len, h, y,
+                 static_cast<T*>(nullptr), static_cast<T*>(nullptr));
 
       const T D_d = D ? D[d] : T(0);
       for (int64_t t = 0; t < len; ++t) y[t] += D_d * u[t];
       if (p.z.ptr) {
         T* z = ws.z.data();
+        T* gate = ws.gate.data();
         load_elements(p.z.ptr, p.input_type, row_offset(p.z, b, d) + t0, len, z);
-        for (int64_t t = 0; t < len; ++t) y[t] *= z[t] * sigmoid(z[t]);
+        sigmoid_row(z, gate);
+        for (int64_t t = 0; t < len; ++t) y[t] *= z[t] * gate[t];
       }
       store_elements(y, len, p.out.ptr, p.input_type, row_offset(p.out, b, d) + t0);
     }
@@ -123,12 +112,25 @@ void scan_fwd_typed(const ScanParams& p) {
 
 }  // namespace
 
-void scan_fwd_cpu(const ScanParams& params) {
+void scan_fwd(const ScanParams& params) {
   if (params.input_type == ScalarKind::kFloat64) {
     scan_fwd_typed<double>(params);
   } else {
     scan_fwd_typed<float>(params);
   }
 }
+
+}  // namespace SELECTIVE_SCAN_CPU_ISA
+}  // namespace cpu
+
+#ifndef SELECTIVE_SCAN_CPU_ISA_VARIANT
+void scan_fwd_cpu(const ScanParams& params) {
+  if (const cpu::IsaKernels* avx2 = cpu::avx2_kernels()) {
+    avx2->scan_fwd(params);
+  } else {
+    cpu::generic::scan_fwd(params);
+  }
+}
+#endif
 
 }  // namespace selective_scan

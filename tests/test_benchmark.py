@@ -1,0 +1,53 @@
+"""The benchmark script runs end to end on a tiny shape and writes the documented JSON: a machine
+header and one record per provider and direction, with times and peak memory."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from scan_utils import DEVICES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = {"provider", "batch", "dim", "seqlen", "dstate", "dtype", "has_z", "direction", "median_us",
+          "p20_us", "p80_us", "peak_mem_bytes"}
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_scan", os.path.join(ROOT, "benchmarks", "bench_scan.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_benchmark_writes_json(device, tmp_path, capsys):
+    bench = _load_bench()
+    out = tmp_path / "bench.json"
+    bench.main(["--device", device, "--quick", "--shapes", "2x8x70x4", "--dtypes", "fp32",
+                "--providers", "selective_scan,ref_sequential,ref_parallel", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "median ms" in printed and "vs ref_sequential" in printed
+    data = json.loads(out.read_text())
+    machine = data["machine"]
+    for key in ("cpu", "gpu", "torch", "cuda", "commit", "date"):
+        assert key in machine
+    records = data["records"]
+    directions = {"fwd", "fwdbwd"} | ({"bwd"} if device == "cuda" else set())
+    seen = {(r["provider"], r["direction"]) for r in records}
+    assert seen == {(p, d) for p in ("selective_scan", "ref_sequential", "ref_parallel") for d in directions}
+    for r in records:
+        assert FIELDS <= set(r)
+        assert (r["batch"], r["dim"], r["seqlen"], r["dstate"], r["dtype"]) == (2, 8, 70, 4, "fp32")
+        assert r["has_z"] is True and r["skipped"] is None
+        assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"]
+        assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] > 0
+    par = {r["direction"]: r["peak_mem_bytes"] for r in records if r["provider"] == "ref_parallel"}
+    ours = {r["direction"]: r["peak_mem_bytes"] for r in records if r["provider"] == "selective_scan"}
+    assert par["fwdbwd"] > ours["fwdbwd"]  # the materialised scan holds more than the op
+
+
+def test_benchmark_rejects_bad_shapes(tmp_path):
+    bench = _load_bench()
+    with pytest.raises(SystemExit, match="BATCHxDIMxSEQLENxDSTATE"):
+        bench.main(["--device", "cpu", "--shapes", "2x8x70", "--out", str(tmp_path / "x.json")])
