@@ -152,10 +152,10 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   p.A_dim_stride = A_c.stride(0);
   p.B = B.data_ptr();
   p.B_batch_stride = B.stride(0);
-  p.B_group_stride = B.stride(1);
+  p.B_group_stride = p.n_groups == 1 ? 0 : B.stride(1);  // unused with one group; 0 keeps B aligned
   p.C = C.data_ptr();
   p.C_batch_stride = C.stride(0);
-  p.C_group_stride = C.stride(1);
+  p.C_group_stride = p.n_groups == 1 ? 0 : C.stride(1);
   p.D = D_c ? D_c->data_ptr<float>() : nullptr;
   p.dt_bias = bias_c ? bias_c->data_ptr<float>() : nullptr;
   p.out = out.data_ptr();

@@ -1,7 +1,6 @@
-// CPU kernel of the decode-step op: one recurrent step of the selective SSM over every
-// (batch, channel) row, the fp32 state updated in place in one pass. Rows run in parallel
-// (at::parallel_for); each row's arithmetic is sequential, so results do not depend on threads.
-// The inner loop over dstate is written so the compiler vectorises it (exp by a polynomial).
+// CPU kernel of the decode-step op: one recurrent step of the selective SSM per (batch, channel) row,
+// the fp32 state updated in place in one pass; rows in parallel (at::parallel_for), results independent
+// of the thread count; loops written so the compiler vectorises them (exp and log1p by polynomials).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
