@@ -11,8 +11,6 @@ namespace cpu {
 namespace SELECTIVE_SCAN_CPU_ISA {
 namespace {
 
-constexpr int64_t K = kChunk;
-
 // Channels per backward task. Partial dB/dC of variable B/C are summed per block of this many
 // channels, then over the blocks in order: a constant, so the sums do not depend on the threads.
 constexpr int64_t kBwdChannelBlock = 32;
@@ -24,19 +22,19 @@ constexpr int64_t kWaveScratchElements = int64_t{1} << 20;
 template <typename T>
 struct BwdWorkspace {
   int64_t ld;
-  std::vector<T> B, C;          // (K, ld) transposed chunk, or one row if time-invariant
+  std::vector<T> B, C;          // (kChunk, ld) transposed chunk, or one row if time-invariant
   std::vector<T> A;             // (ld)
-  std::vector<T> states;        // (K + 1, ld): [0] the checkpoint, [t + 1] h_t of the chunk
-  std::vector<T> decays;        // (K, ld): exp(d_t A)
+  std::vector<T> states;        // (kChunk + 1, ld): [0] the checkpoint, [t + 1] h_t of the chunk
+  std::vector<T> decays;        // (kChunk, ld): exp(d_t A)
   std::vector<T> adjoint;       // (ld): exp(d_{t+1} A) g_{t+1}, carried backwards
   std::vector<T> dA_acc, dB_acc, dC_acc;  // (ld): sums over the chunk of one row
-  std::vector<T> u, dt, dsoftplus, dout, z, gate, dy, y, du, ddelta, dz, row_tmp;  // (K)
+  std::vector<T> u, dt, dsoftplus, dout, z, gate, dy, y, du, ddelta, dz, row_tmp;  // (kChunk)
 
   explicit BwdWorkspace(int64_t dstate)
-      : ld(padded_dstate<T>(dstate)), B(K * ld, T(0)), C(K * ld, T(0)), A(ld, T(0)),
-        states((K + 1) * ld, T(0)), decays(K * ld, T(0)), adjoint(ld, T(0)), dA_acc(ld), dB_acc(ld),
-        dC_acc(ld), u(K), dt(K), dsoftplus(K), dout(K), z(K), gate(K), dy(K), y(K), du(K), ddelta(K), dz(K),
-        row_tmp(K) {}
+      : ld(padded_dstate<T>(dstate)), B(kChunk * ld, T(0)), C(kChunk * ld, T(0)), A(ld, T(0)),
+        states((kChunk + 1) * ld, T(0)), decays(kChunk * ld, T(0)), adjoint(ld, T(0)), dA_acc(ld), dB_acc(ld),
+        dC_acc(ld), u(kChunk), dt(kChunk), dsoftplus(kChunk), dout(kChunk), z(kChunk), gate(kChunk), dy(kChunk), y(kChunk), du(kChunk), ddelta(kChunk), dz(kChunk),
+        row_tmp(kChunk) {}
 };
 
 // Sums over time kept per (batch, channel) row until the final, batch-ordered reduction.
@@ -46,14 +44,14 @@ struct RowPartials {
   std::vector<T> dD, ddelta_bias;  // (batch, dim)
 };
 
-// Where a task writes partial dB/dC of variable B/C: (batch, n_blocks, wave_chunks, K, ld).
+// Where a task writes partial dB/dC of variable B/C: (batch, n_blocks, wave_chunks, kChunk, ld).
 template <typename T>
 struct WavePartials {
   std::vector<T> dB, dC;
   int64_t wave_chunks = 1;
   int64_t n_blocks = 0;
   T* chunk(std::vector<T>& v, int64_t b, int64_t block, int64_t chunk_in_wave, int64_t ld) {
-    return v.empty() ? nullptr : v.data() + ((b * n_blocks + block) * wave_chunks + chunk_in_wave) * K * ld;
+    return v.empty() ? nullptr : v.data() + ((b * n_blocks + block) * wave_chunks + chunk_in_wave) * kChunk * ld;
   }
 };
 
@@ -67,7 +65,7 @@ void bwd_row_chunk(const ScanBwdParams& bp, int64_t b, int64_t d, int64_t c, Bwd
   const ScanParams& p = bp.fwd;
   const int64_t N = p.dstate, L = p.seqlen, ld = ws.ld;
   const int64_t n_chunks = num_checkpoints(L);
-  const int64_t t0 = c * K, len = std::min(K, L - t0);
+  const int64_t t0 = c * kChunk, len = std::min(kChunk, L - t0);
   const int64_t row = b * p.dim + d;
   const T* D = static_cast<const T*>(p.D);
   const T* delta_bias = static_cast<const T*>(p.delta_bias);
@@ -199,7 +197,7 @@ void bwd_block_wave(const ScanBwdParams& bp, const ChannelBlock& blk, int64_t bl
   const ScanParams& p = bp.fwd;
   const int64_t N = p.dstate, ld = ws.ld;
   for (int64_t c = c_hi; c >= c_lo; --c) {
-    const int64_t t0 = c * K, len = std::min(K, p.seqlen - t0);
+    const int64_t t0 = c * kChunk, len = std::min(kChunk, p.seqlen - t0);
     if (p.B.is_variable) load_bc_chunk(p.B, b, blk.group_B, t0, len, N, ld, ws.B.data(), ws.row_tmp.data());
     if (p.C.is_variable) load_bc_chunk(p.C, b, blk.group_C, t0, len, N, ld, ws.C.data(), ws.row_tmp.data());
     T* dB_chunk = wave.chunk(wave.dB, b, block_index, c - c_lo, ld);
@@ -227,11 +225,11 @@ void reduce_wave_bc(const ScanParams& p, const BCParams& bc, const std::vector<C
       const int64_t n = i % N, g = (i / N) % G, b = i / (N * G);
       T* out = grad + ((b * G + g) * N + n) * L;
       for (int64_t c = c_lo; c <= c_hi; ++c) {
-        const int64_t t0 = c * K, len = std::min(K, L - t0);
+        const int64_t t0 = c * kChunk, len = std::min(kChunk, L - t0);
         for (int64_t t = 0; t < len; ++t) {
           T s = T(0);
           for (int64_t k = first_block[g]; k < first_block[g + 1]; ++k) {
-            s += partials[(((b * n_blocks + k) * wave.wave_chunks + (c - c_lo)) * K + t) * ld + n];
+            s += partials[(((b * n_blocks + k) * wave.wave_chunks + (c - c_lo)) * kChunk + t) * ld + n];
           }
           out[t0 + t] = s;
         }
@@ -272,10 +270,10 @@ void scan_bwd_typed(const ScanBwdParams& bp) {
   WavePartials<T> wave;
   wave.n_blocks = n_blocks;
   const int64_t n_variable = int64_t{p.B.is_variable} + int64_t{p.C.is_variable};
-  const int64_t per_chunk = p.batch * n_blocks * K * ld * n_variable;
+  const int64_t per_chunk = p.batch * n_blocks * kChunk * ld * n_variable;
   wave.wave_chunks = n_variable == 0 ? n_chunks
                                      : std::max<int64_t>(1, std::min(n_chunks, kWaveScratchElements / per_chunk));
-  const int64_t wave_elements = p.batch * n_blocks * wave.wave_chunks * K * ld;
+  const int64_t wave_elements = p.batch * n_blocks * wave.wave_chunks * kChunk * ld;
   if (p.B.is_variable) wave.dB.resize(wave_elements);
   if (p.C.is_variable) wave.dC.resize(wave_elements);
 

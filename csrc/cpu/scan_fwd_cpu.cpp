@@ -1,5 +1,5 @@
 // CPU forward of the selective scan: out, the last state and the state before every chunk of
-// kCheckpointChunk steps, parallel over (batch, channel block), vectorised over dstate.
+// kChunk = kCheckpointChunk steps, parallel over (batch, channel block), vectorised over dstate.
 // The algorithm is described in docs/cpu.md; scan_cpu_dispatch.h says how it is compiled.
 #include <ATen/Parallel.h>
 
@@ -19,16 +19,16 @@ constexpr int64_t kFwdChannelBlock = 16;
 template <typename T>
 struct FwdWorkspace {
   int64_t ld;                 // padded dstate
-  std::vector<T> B, C;        // (kCheckpointChunk, ld) transposed chunk, or one row if time-invariant
+  std::vector<T> B, C;        // (kChunk, ld) transposed chunk, or one row if time-invariant
   std::vector<T> A;           // (ld) A[d, :]
   std::vector<T> state;       // (kFwdChannelBlock, ld) running state of the block's channels
-  std::vector<T> u, delta, z, gate, y, row_tmp;  // (kCheckpointChunk) per-step values of one row
+  std::vector<T> u, delta, z, gate, y, row_tmp;  // (kChunk) per-step values of one row
 
   explicit FwdWorkspace(int64_t dstate)
       : ld(padded_dstate<T>(dstate)),
-        B(kCheckpointChunk * ld, T(0)), C(kCheckpointChunk * ld, T(0)), A(ld, T(0)),
-        state(kFwdChannelBlock * ld, T(0)), u(kCheckpointChunk), delta(kCheckpointChunk),
-        z(kCheckpointChunk), gate(kCheckpointChunk), y(kCheckpointChunk), row_tmp(kCheckpointChunk) {}
+        B(kChunk * ld, T(0)), C(kChunk * ld, T(0)), A(ld, T(0)),
+        state(kFwdChannelBlock * ld, T(0)), u(kChunk), delta(kChunk),
+        z(kChunk), gate(kChunk), y(kChunk), row_tmp(kChunk) {}
 };
 
 // Channels blk.begin..blk.end of batch b, every chunk in order.
@@ -52,7 +52,7 @@ void fwd_block(const ScanParams& p, const ChannelBlock& blk, int64_t b, FwdWorks
   }
 
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t t0 = c * kCheckpointChunk, len = std::min(kCheckpointChunk, L - t0);
+    const int64_t t0 = c * kChunk, len = std::min(kChunk, L - t0);
     if (p.B.is_variable) load_bc_chunk(p.B, b, blk.group_B, t0, len, N, ld, ws.B.data(), ws.row_tmp.data());
     if (p.C.is_variable) load_bc_chunk(p.C, b, blk.group_C, t0, len, N, ld, ws.C.data(), ws.row_tmp.data());
 
