@@ -20,7 +20,12 @@ def want_cuda():
         return False
     import torch
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    if not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "include", "cuda_runtime_api.h")):
+        print(f"selective_scan: no CUDA headers under {cpp_extension.CUDA_HOME}; building the CPU kernels only")
+        return False
+    return True
 
 
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")

@@ -54,10 +54,13 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     else:
         h = u.new_zeros(batch, dim, dstate)
     ys = []
+    # Per-step slices taken once: indexing the expanded views inside the loop would make autograd
+    # allocate a full (batch, dim, dstate, seqlen) gradient at every step.
+    B_steps, C_steps = Bx.unbind(-1), Cx.unbind(-1)
     for t in range(seqlen):
         d_t = delta[:, :, t, None]
-        h = torch.exp(d_t * A) * h + d_t * Bx[..., t] * u[:, :, t, None]
-        ys.append((h * Cx[..., t]).sum(-1))
+        h = torch.exp(d_t * A) * h + d_t * B_steps[t] * u[:, :, t, None]
+        ys.append((h * C_steps[t]).sum(-1))
     y = torch.stack(ys, dim=2) if seqlen > 0 else u.new_zeros(batch, dim, 0)
     if D is not None:
         y = y + D.to(ct)[None, :, None] * u
