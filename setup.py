@@ -3,6 +3,7 @@ CUDA-enabled torch are present. Respects TORCH_CUDA_ARCH_LIST (default: the visi
 and MAX_JOBS. SELECTIVE_SCAN_FORCE_CPU=1 builds the CPU kernels only."""
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
@@ -31,6 +32,11 @@ def want_cuda():
 sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
 define_macros = [("SELECTIVE_SCAN_VERSION", f'"{VERSION}"')]
 cxx_flags = ["-O3"]
+link_flags = []
+if sys.platform.startswith("linux"):
+    # at::parallel_for runs in parallel only in code compiled with OpenMP; torch already loads libgomp.
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 if want_cuda():
     import torch
 
@@ -44,11 +50,11 @@ if want_cuda():
                   "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     ext = cpp_extension.CUDAExtension(
         "selective_scan._C", sources, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags)
 else:
     ext = cpp_extension.CppExtension(
         "selective_scan._C", sources, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx_flags})
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     name="selective_scan",
