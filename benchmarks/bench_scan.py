@@ -1,6 +1,8 @@
 """Benchmark of selective_scan against the reference scans (sequential selective_scan_ref,
 materialised selective_scan_parallel_ref) and mamba-ssm's selective_scan_fn when importable:
-median/p20/p80 time and peak memory per direction; prints a table and ratios, writes JSON."""
+median/p20/p80 time and peak memory per direction; on a GPU also the sweeps over seqlen and dstate
+and, per record, the achieved exp rate, bandwidth and share of the floor (see `floor_model`);
+prints a table and ratios, writes JSON."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +33,21 @@ CPU_SHAPES = [(2, 256, 1024, 16)]
 CPU_QUICK_SHAPES = [(2, 128, 512, 16)]
 GPU_SHAPES = [(2, 1536, 2048, 16), (8, 1536, 2048, 16), (4, 5120, 2048, 16), (1, 2048, 16384, 16),
               (16, 4096, 1024, 16), (8, 1536, 2048, 64)]
+# Sweeps (ours, and mamba-ssm when importable): seqlen at (8, 1536, *, 16), dstate at (8, 1536, 2048),
+# and the off-path cases: batch 1, short sequences, fp16.
+SEQLEN_SWEEP = [(8, 1536, L, 16) for L in (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)]
+DSTATE_SWEEP = [(8, 1536, 2048, N) for N in (4, 8, 16, 32, 64, 128, 256)]
+OFF_PATH = [((1, 1536, 2048, 16), "bf16"), ((8, 1536, 2048, 16), "fp16"), ((8, 1536, 128, 16), "fp16")]
+# The official kernel (mamba-ssm selective_scan_cuda, built for sm_90) measured on an H200 on
+# 2026-11-29 with the same inputs (bf16, z, softplus, variable B/C; fp32 row: fp32 inputs), median us.
+OFFICIAL_H200_US = {
+    ((8, 1536, 2048, 16), "bf16"): {"fwd": 448, "bwd": 1740},
+    ((4, 5120, 2048, 16), "bf16"): {"fwd": 734, "bwd": 2860},
+    ((1, 2048, 16384, 16), "bf16"): {"fwd": 748, "bwd": 2911},
+    ((16, 4096, 1024, 16), "bf16"): {"fwd": 1115, "bwd": 4584},
+    ((8, 1536, 2048, 64), "bf16"): {"fwd": 1496, "bwd": 6637},
+    ((8, 1536, 2048, 16), "fp32"): {"fwd": 878, "bwd": 2035},
+}
 # The references run at these GPU shapes only (the sequential one takes seconds per call and the
 # parallel one materialises batch*seqlen*dim*dstate tensors); elsewhere the record says so.
 GPU_REF_SHAPES = {(2, 1536, 2048, 16)}
@@ -229,7 +246,7 @@ def is_oom(err):
         isinstance(err, MemoryError)
 
 
-def bench_one(provider, fn, shape, dtype_name, direction, device, args):
+def bench_one(provider, fn, shape, dtype_name, direction, device, args, sweep=False):
     batch, dim, seqlen, dstate = shape
     rec = dict(provider=provider, batch=batch, dim=dim, seqlen=seqlen, dstate=dstate,
                dtype=dtype_name, has_z=True, direction=direction, median_us=None, p20_us=None,
@@ -242,6 +259,8 @@ def bench_one(provider, fn, shape, dtype_name, direction, device, args):
         budget, min_reps, max_reps, warmup = (0.5, 1, 3, 0) if slow else (2.0, 5, 100, 0)
     if args.quick:
         budget, min_reps, max_reps = budget / 4, min(min_reps, 3), max(min(max_reps, 10), 1)
+    if sweep:
+        budget, min_reps = budget / 3, min(min_reps, 5)
     try:
         step = make_steps(fn, kw, direction, device)
         if device == "cpu":  # the profiled call (untimed) doubles as the warm-up
@@ -277,6 +296,46 @@ def parallel_ref_bytes(shape, direction):
     return one * (4 * rounds + 4 if direction != "fwd" else 6)
 
 
+# H200 rates for the floor model: special-function (exp) results and FP32 instructions per SM per
+# clock, the SM clock seen under load, and the measured device-to-device copy bandwidth.
+MUFU_PER_SM_CLK, FP32_PER_SM_CLK, SM_CLOCK_HZ, HBM_BYTES_PER_S = 16, 128, 1.98e9, 4.24e12
+
+
+def floor_model(shape, dtype_name, direction, sm_count):
+    """Work of one call by the floor model of docs/design.md, per element (b, d, l) at N = dstate:
+    forward N + 3 exps, 4N + 25 FP32 instructions, 4 row tensors moved (u, delta, z in, out);
+    backward N + 4 exps, 12N + 40 FP32 instructions, 7 row tensors (u, delta, z, dout in; du,
+    ddelta, dz out); plus B and C per (b, l) (and their fp32 gradients). Returns the exps, bytes
+    and the floor time in us: the slowest of the exp, FP32 and HBM times at full rate."""
+    batch, dim, seqlen, n = shape
+    esize = 4 if dtype_name == "fp32" else 2
+    elems, rows_bl = batch * dim * seqlen, batch * seqlen
+    parts = {"fwd": [("fwd", n + 3, 4 * n + 25, 4 * esize * elems + 2 * n * esize * rows_bl)],
+             "bwd": [("bwd", n + 4, 12 * n + 40, 7 * esize * elems + 2 * n * (esize + 4) * rows_bl)]}
+    parts["fwdbwd"] = parts["fwd"] + parts["bwd"]
+    exps = bytes_ = floor = 0.0
+    for _, e, ops, b in parts[direction]:
+        t_exp = elems * e / (sm_count * MUFU_PER_SM_CLK * SM_CLOCK_HZ)
+        t_fp32 = elems * ops / (sm_count * FP32_PER_SM_CLK * SM_CLOCK_HZ)
+        t_hbm = b / HBM_BYTES_PER_S
+        exps, bytes_, floor = exps + elems * e, bytes_ + b, floor + max(t_exp, t_fp32, t_hbm)
+    return exps, bytes_, floor * 1e6
+
+
+def add_rates(rec, sm_count):
+    """Achieved Texp/s and TB/s, the floor and the share of it reached, and the official kernel's time."""
+    shape = (rec["batch"], rec["dim"], rec["seqlen"], rec["dstate"])
+    exps, bytes_, floor_us = floor_model(shape, rec["dtype"], rec["direction"], sm_count)
+    rec["floor_us"] = floor_us
+    official = OFFICIAL_H200_US.get((shape, rec["dtype"]), {})
+    rec["official_h200_us"] = (official["fwd"] + official["bwd"] if rec["direction"] == "fwdbwd" and official
+                               else official.get(rec["direction"]))
+    if rec["median_us"]:
+        t = rec["median_us"] * 1e-6
+        rec.update(texp_per_s=exps / t / 1e12, tb_per_s=bytes_ / t / 1e12,
+                   pct_of_floor=100.0 * floor_us / rec["median_us"])
+
+
 def plan(args, device):
     """(provider, fn, shape, dtype, direction, reason-to-skip-or-None) for every record."""
     if args.shapes:
@@ -295,20 +354,27 @@ def plan(args, device):
     if mamba is not None:
         providers["mamba_ssm"] = mamba
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
-    for shape in shapes:
-        for dt in dtypes:
-            for direction in directions:
-                for name, fn in providers.items():
-                    reason = None
-                    if name.startswith("ref_") and device == "cuda" and not args.all_refs \
-                            and args.shapes is None and shape not in GPU_REF_SHAPES:
-                        reason = ("reference not run at this shape (runtime budget; "
-                                  "--all-refs runs it): see the 2x1536x2048x16 rows")
-                    elif name == "ref_parallel" and free is not None and \
-                            parallel_ref_bytes(shape, direction) > 0.8 * free:
-                        reason = (f"would need ~{parallel_ref_bytes(shape, direction) / 2**30:.0f} GiB "
-                                  f"(materialised scan), {free / 2**30:.0f} GiB free")
-                    yield name, fn, shape, dt, direction, reason
+    cases = [(shape, dt, "anchor") for shape in shapes for dt in dtypes]
+    if device == "cuda" and not args.shapes and not args.quick and not args.no_sweeps:
+        cases += [(shape, "bf16", "seqlen_sweep") for shape in SEQLEN_SWEEP]
+        cases += [(shape, "bf16", "dstate_sweep") for shape in DSTATE_SWEEP]
+        cases += [(shape, dt, "off_path") for shape, dt in OFF_PATH]
+    for shape, dt, suite in cases:
+        sweep = suite != "anchor"
+        for direction in directions:
+            for name, fn in providers.items():
+                if sweep and name.startswith("ref_"):
+                    continue  # the references run at the anchor shapes only
+                reason = None
+                if name.startswith("ref_") and device == "cuda" and not args.all_refs \
+                        and args.shapes is None and shape not in GPU_REF_SHAPES:
+                    reason = ("reference not run at this shape (runtime budget; "
+                              "--all-refs runs it): see the 2x1536x2048x16 rows")
+                elif name == "ref_parallel" and free is not None and \
+                        parallel_ref_bytes(shape, direction) > 0.8 * free:
+                    reason = (f"would need ~{parallel_ref_bytes(shape, direction) / 2**30:.0f} GiB "
+                              f"(materialised scan), {free / 2**30:.0f} GiB free")
+                yield name, fn, shape, dt, direction, reason, suite
 
 
 # ---------------------------------------------------------------- machine info and output
@@ -427,6 +493,7 @@ def main(argv=None):
     p.add_argument("--providers", default=None,
                    help="comma-separated subset of selective_scan,ref_sequential,ref_parallel,mamba_ssm")
     p.add_argument("--all-refs", action="store_true", help="run the references at every GPU shape")
+    p.add_argument("--no-sweeps", action="store_true", help="GPU: skip the seqlen / dstate / off-path sweeps")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -440,7 +507,8 @@ def main(argv=None):
     print(f"# {info['date']}  commit {info['commit']}  torch {info['torch']}  cuda {info['cuda']}")
     print(f"# {info['gpu'] or info['cpu']}  ({info['cpu_count']} cpus, {info['torch_threads']} torch threads)")
     records = []
-    for name, fn, shape, dt, direction, reason in plan(args, device):
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 0
+    for name, fn, shape, dt, direction, reason, suite in plan(args, device):
         if wanted is not None and name not in wanted:
             continue
         if reason is not None:
@@ -448,15 +516,28 @@ def main(argv=None):
                        dtype=dt, has_z=True, direction=direction, median_us=None, p20_us=None,
                        p80_us=None, peak_mem_bytes=None, reps=0, skipped=reason)
         else:
-            rec = bench_one(name, fn, shape, dt, direction, device, args)
+            rec = bench_one(name, fn, shape, dt, direction, device, args, sweep=suite != "anchor")
+        rec["suite"] = suite
+        extra = ""
+        if device == "cuda":
+            add_rates(rec, sm_count)
+            if rec.get("pct_of_floor"):
+                extra = (f"  {rec['texp_per_s']:.2f} Texp/s  {rec['tb_per_s']:.2f} TB/s  "
+                         f"{rec['pct_of_floor']:.0f}% of floor ({rec['floor_us']:.0f} us)")
+                if rec["official_h200_us"]:
+                    extra += f"  official {rec['official_h200_us']} us"
         records.append(rec)
         print(f"  {name:<15} {'x'.join(map(str, shape)):<18} {dt:<5} {direction:<7} "
-              f"{fmt_us(rec['median_us']):>10} ms" + (f"  ({rec['skipped']})" if rec["skipped"] else ""),
+              f"{fmt_us(rec['median_us']):>10} ms" + (f"  ({rec['skipped']})" if rec["skipped"] else "") + extra,
               flush=True)
     print()
     print_table(records)
     print_ratios(records)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    if device == "cuda":
+        info["floor_model"] = {"mufu_per_sm_clk": MUFU_PER_SM_CLK, "fp32_per_sm_clk": FP32_PER_SM_CLK,
+                               "sm_clock_hz": SM_CLOCK_HZ, "hbm_bytes_per_s": HBM_BYTES_PER_S,
+                               "sm_count": sm_count, "see": "floor_model() in benchmarks/bench_scan.py"}
     with open(out_path, "w") as f:
         json.dump({"machine": info, "records": records}, f, indent=1)
     print(f"\nwrote {out_path}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension (sm_90, timed), then run the selected stages:
-#   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice)
+#   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice;
+#            QUICK_SPT lists the choices, default "auto 4")
 #   tests  - the CUDA tests (pytest -m cuda)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
@@ -25,7 +26,7 @@ rc=0
 for stage in "${stages[@]}"; do
   case "$stage" in
     quick)
-      for spt in auto 4; do
+      for spt in ${QUICK_SPT:-auto 4}; do
         if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; else export SELECTIVE_SCAN_SPT=$spt; fi
         python3 benchmarks/cuda_quickcheck.py --out "$OUT/quick_spt_$spt.json" 2>&1 | tee "$OUT/quick_spt_$spt.log" || rc=1
       done

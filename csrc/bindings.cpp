@@ -262,11 +262,15 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
   Tensor du = at::empty_like(in.u, at::MemoryFormat::Contiguous);
   Tensor ddelta = at::empty_like(in.u, at::MemoryFormat::Contiguous);
   Tensor dz = in.z ? at::empty_like(in.u, at::MemoryFormat::Contiguous) : at::empty({0}, u.options());
-  Tensor dA = at::zeros({p.dim, p.dstate}, fopts);
-  Tensor dB = at::zeros(B.sizes(), fopts);
-  Tensor dC = at::zeros(C.sizes(), fopts);
-  Tensor dD = at::zeros({p.dim}, fopts);
-  Tensor ddelta_bias = at::zeros({p.dim}, fopts);
+  // The CUDA path writes the parameter gradients whole (sums of its partials); the CPU kernel and
+  // an empty problem need them zeroed.
+  const bool zeroed = u.is_cpu() || !has_work(p);
+  auto grad = [&](at::IntArrayRef sizes) { return zeroed ? at::zeros(sizes, fopts) : at::empty(sizes, fopts); };
+  Tensor dA = grad({p.dim, p.dstate});
+  Tensor dB = grad(B.sizes());
+  Tensor dC = grad(C.sizes());
+  Tensor dD = grad({p.dim});
+  Tensor ddelta_bias = grad({p.dim});
   Tensor dinit = at::empty({p.batch, p.dim, p.dstate}, fopts);
 
   if (!has_work(p)) {
@@ -309,12 +313,14 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
     ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
                           pD.data_ptr<float>(), pbias.data_ptr<float>()};
     scan_bwd_cuda(b, parts, at::cuda::getCurrentCUDAStream().stream());
-    dA.copy_(pA.sum(0));
-    dD.copy_(pD.sum(0));
-    ddelta_bias.copy_(pbias.sum(0));
-    // Variable: (batch, n_groups, dstate, seqlen), viewed as B's shape; time-invariant: (dim, dstate).
-    dB.copy_(pB.sum(0).view(dB.sizes()));
-    dC.copy_(pC.sum(0).view(dC.sizes()));
+    const at::IntArrayRef slots{0};
+    at::sum_out(dA, pA, slots);
+    at::sum_out(dD, pD, slots);
+    at::sum_out(ddelta_bias, pbias, slots);
+    // Variable: (batch, n_groups, dstate, seqlen), B's shape viewed so; time-invariant: (dim, dstate).
+    Tensor dB_slots = dB.view(pB.sizes().slice(1)), dC_slots = dC.view(pC.sizes().slice(1));
+    at::sum_out(dB_slots, pB, slots);
+    at::sum_out(dC_slots, pC, slots);
 #else
     TORCH_CHECK(false, "selective_scan was built without CUDA");
 #endif

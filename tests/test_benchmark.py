@@ -51,3 +51,28 @@ def test_benchmark_rejects_bad_shapes(tmp_path):
     bench = _load_bench()
     with pytest.raises(SystemExit, match="BATCHxDIMxSEQLENxDSTATE"):
         bench.main(["--device", "cpu", "--shapes", "2x8x70", "--out", str(tmp_path / "x.json")])
+
+
+def test_floor_model_matches_the_h200_floors():
+    """The floor model of the benchmark gives the documented H200 floors (docs/design.md): at
+    (8, 1536, 2048, 16) bf16 the forward is bound by the exp rate (19 exps per element, 114 us) and
+    the backward by FP32 issue (232 instructions per element, 175 us); fwdbwd is their sum."""
+    bench = _load_bench()
+    shape = (8, 1536, 2048, 16)
+    exps, bytes_, fwd = bench.floor_model(shape, "bf16", "fwd", 132)
+    assert exps == 8 * 1536 * 2048 * 19
+    assert fwd == pytest.approx(8 * 1536 * 2048 * 19 / (132 * 16 * 1.98e9) * 1e6)
+    assert 113 < fwd < 115
+    _, _, bwd = bench.floor_model(shape, "bf16", "bwd", 132)
+    assert 174 < bwd < 176
+    assert bench.floor_model(shape, "bf16", "fwdbwd", 132)[2] == pytest.approx(fwd + bwd)
+    # fp32 inputs move twice the bytes; at dstate 4 the forward becomes bound by HBM, not exps.
+    assert bench.floor_model(shape, "fp32", "fwd", 132)[1] > 1.9 * bytes_
+    _, bytes4, fwd4 = bench.floor_model((8, 1536, 2048, 4), "bf16", "fwd", 132)
+    assert fwd4 == pytest.approx(bytes4 / 4.24e12 * 1e6)
+    rec = {"batch": 8, "dim": 1536, "seqlen": 2048, "dstate": 16, "dtype": "bf16", "direction": "fwd",
+           "median_us": 2 * fwd}
+    bench.add_rates(rec, 132)
+    assert rec["pct_of_floor"] == pytest.approx(50.0)
+    assert rec["official_h200_us"] == 448
+    assert rec["texp_per_s"] == pytest.approx(exps / (2 * fwd * 1e-6) / 1e12)

@@ -127,9 +127,11 @@ def test_many_steps_follow_the_recurrence(device):
 @pytest.mark.cuda
 @CUDA
 @pytest.mark.parametrize("itype", [torch.float32, torch.bfloat16])
-def test_cuda_large_batch(itype):
-    """Many blocks, 64 states per row (16 lanes per row): the decode shapes of the benchmark, smaller."""
-    check_against_ref(make_inputs(64, 1024, 64, itype, "cuda", groups=1, seed=3))
+@pytest.mark.parametrize("batch, dim, dstate", [(64, 1024, 64), (67, 1000, 16), (3, 70001, 16)])
+def test_cuda_large_batch(itype, batch, dim, dstate):
+    """More rows than one pass of the persistent grid covers (each block walks several), a row count
+    that divides into nothing, and the decode shapes of the benchmark, smaller."""
+    check_against_ref(make_inputs(batch, dim, dstate, itype, "cuda", groups=1, seed=3))
 
 
 def test_zero_batch():

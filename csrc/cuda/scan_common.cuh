@@ -42,15 +42,15 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 2^t for the decays exp(d * A) = 2^(d * A * log2(e)). Near 1 (|t| < 1/32) by its series, so that
-// the decay is the correctly rounded 1 + m with m = 2^t - 1 accurate: decays near 1 compound over
-// long memories, and the special-function unit's small relative error there adds up step after
-// step. Elsewhere on the special-function unit.
+// 2^t for the decays exp(d * A) = 2^(d * A * log2(e)). Near 1 (|t| < 1/32) by its series to
+// third order, 1 + t (ln2 + t (ln2^2/2 + t ln2^3/6)) in one fused chain (truncation below 1e-8, so
+// the decay is 1 + m with m = 2^t - 1 accurate to a few 1e-7 relative): decays near 1 compound over
+// long memories, and the special-function unit's absolute error of about 1e-7 there would be a
+// large relative error in m. Elsewhere on the special-function unit.
 __device__ __forceinline__ float decay_exp2(float t) {
   const float e = fast_exp2(t);
-  const float m = t * fmaf(t, fmaf(t, fmaf(t, 0.009618129107628477f, 0.05550410866482158f), 0.2402265069591007f),
-                           0.6931471805599453f);
-  return fabsf(t) < 0.03125f ? 1.f + m : e;
+  const float s = fmaf(t, fmaf(t, fmaf(t, 0.05550410866482158f, 0.2402265069591007f), 0.6931471805599453f), 1.f);
+  return fabsf(t) < 0.03125f ? s : e;
 }
 
 // torch's softplus with threshold 20: max(x, 0) + log1p(exp(-|x|)), with log1p by its series
@@ -77,28 +77,6 @@ __device__ __forceinline__ float softplus_grad_from_value(float d) {
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
-
-// Loads elements [t, t + kVec) of a row into out (zeros past `len`). `aligned` says the row start
-// is 16-byte aligned, so that a full segment can use 16-byte loads.
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* row, int t, int len, bool aligned, float (&out)[kVec]) {
-  if (aligned && t + kVec <= len) {
-    if constexpr (sizeof(T) == 4) {
-      const float4 a = *reinterpret_cast<const float4*>(row + t);
-      const float4 b = *reinterpret_cast<const float4*>(row + t + 4);
-      out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-      out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-    } else {
-      const uint4 raw = *reinterpret_cast<const uint4*>(row + t);
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) out[i] = to_float(e[i]);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) out[i] = t + i < len ? to_float(row[t + i]) : 0.f;
-  }
-}
 
 template <typename T>
 __device__ __forceinline__ void store_vec(T* row, int t, int len, bool aligned, const float (&v)[kVec]) {
@@ -165,36 +143,126 @@ __device__ __forceinline__ BlockRows block_rows(const ScanParams& p, const Block
   return r;
 }
 
-// Stages variable B or C for timesteps [t0, t0 + kChunk) as fp32 dst[t * npad + n] (zeros past
-// the sequence end and for padded states).
+// A row segment of kVec elements as loaded from memory, kept packed in registers until it is
+// converted and staged (so that the next chunk's loads can be in flight during this chunk's work).
+template <typename T>
+struct RawSeg {
+  static constexpr int kWords = static_cast<int>(sizeof(T)) * kVec / 16;  // 16-byte words
+  uint4 w[kWords];
+};
+
+template <typename T>
+__device__ __forceinline__ void zero_seg(RawSeg<T>& s) {
+#pragma unroll
+  for (int i = 0; i < RawSeg<T>::kWords; ++i) s.w[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+
+// Element i of a packed segment of T (2- or 4-byte) as float; i is a constant after unrolling, so
+// the segment stays in registers.
+__device__ __forceinline__ unsigned word_of(const uint4& q, int k) {
+  return k == 0 ? q.x : k == 1 ? q.y : k == 2 ? q.z : q.w;
+}
+template <typename T> __device__ __forceinline__ float bits_to_float(unsigned bits);
+template <> __device__ __forceinline__ float bits_to_float<float>(unsigned bits) { return __uint_as_float(bits); }
+template <> __device__ __forceinline__ float bits_to_float<__nv_bfloat16>(unsigned bits) {
+  return __uint_as_float(bits << 16);
+}
+template <> __device__ __forceinline__ float bits_to_float<__half>(unsigned bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+template <typename T>
+__device__ __forceinline__ float seg_elem(const uint4* w, int i) {
+  if constexpr (sizeof(T) == 4) {
+    return bits_to_float<T>(word_of(w[i / 4], i % 4));
+  } else {
+    const unsigned word = word_of(w[i / 8], (i / 2) % 4);
+    return bits_to_float<T>(i % 2 ? word >> 16 : word & 0xffffu);
+  }
+}
+
+// Elements [t, t + kVec) of a row (zeros past `len`); 16-byte loads when `aligned` (row start
+// 16-byte aligned) and the segment is whole.
+template <typename T>
+__device__ __forceinline__ RawSeg<T> load_seg(const T* row, int t, int len, bool aligned) {
+  RawSeg<T> s;
+  if (aligned && t + kVec <= len) {
+#pragma unroll
+    for (int i = 0; i < RawSeg<T>::kWords; ++i) s.w[i] = reinterpret_cast<const uint4*>(row + t)[i];
+  } else if constexpr (sizeof(T) == 4) {
+    const unsigned* r = reinterpret_cast<const unsigned*>(row);
+    unsigned e[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) e[i] = t + i < len ? r[t + i] : 0u;
+    s.w[0] = make_uint4(e[0], e[1], e[2], e[3]);
+    s.w[1] = make_uint4(e[4], e[5], e[6], e[7]);
+  } else {
+    const unsigned short* r = reinterpret_cast<const unsigned short*>(row);
+    unsigned e[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) e[i] = t + i < len ? r[t + i] : 0u;
+    s.w[0] = make_uint4(e[0] | e[1] << 16, e[2] | e[3] << 16, e[4] | e[5] << 16, e[6] | e[7] << 16);
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ void seg_floats(const RawSeg<T>& s, float (&out)[kVec]) {
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) out[i] = seg_elem<T>(s.w, i);
+}
+
+// Elements [t, t + kVec) of a row as floats (zeros past `len`).
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* row, int t, int len, bool aligned, float (&out)[kVec]) {
+  seg_floats(load_seg(row, t, len, aligned), out);
+}
+
+template <typename input_t>
+__device__ __forceinline__ bool bc_fp32(const BCParams& bc) {
+  return sizeof(input_t) == 4 || bc.type == ScalarKind::kFloat32;
+}
+
+// Segment v of the [kChunk][npad] tile of B or C for timesteps [t0, t0 + kChunk): state v % npad,
+// steps from (v / npad) * kVec (zeros past the sequence end and for padded states), packed in
+// the element type T of B or C (the input type, or float).
+template <typename T>
+__device__ __forceinline__ RawSeg<T> load_bc_seg(const BCParams& bc, int64_t b, int64_t g, int64_t t0, int len,
+                                                 int dstate, int npad, int v) {
+  RawSeg<T> s;
+  zero_seg(s);
+  const int n = v % npad;
+  const int t = (v / npad) * kVec;
+  if (n < dstate) {
+    const int64_t off = b * bc.batch_stride + g * bc.group_stride + t0 + n * bc.dstate_stride;
+    // 16-byte loads need an aligned element offset; checked per segment.
+    const bool aligned = ((reinterpret_cast<uintptr_t>(bc.ptr) + (off + t) * sizeof(T)) & 15) == 0;
+    s = load_seg(static_cast<const T*>(bc.ptr) + off, t, len, aligned);
+  }
+  return s;
+}
+
+// Writes segment v into the fp32 tile dst[t * npad + n].
+template <typename T>
+__device__ __forceinline__ void store_bc_seg(const RawSeg<T>& s, int npad, int v, float* dst) {
+  const int n = v % npad;
+  const int t = (v / npad) * kVec;
+  // Consecutive threads take consecutive states, so that these transposed stores fall in different banks.
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = seg_elem<T>(s.w, i);
+}
+
+// Stages variable B or C for timesteps [t0, t0 + kChunk) as fp32 dst[t * npad + n], loading and
+// storing in the same pass (the backward's path; the forward prefetches with the two above).
 template <typename input_t>
 __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t g, int64_t t0, int len,
                                          int dstate, int npad, float* dst) {
-  const int64_t base = b * bc.batch_stride + g * bc.group_stride + t0;
   const int vecs = npad * (kChunk / kVec);
   for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
-    // Consecutive lanes take consecutive states, so that the transposed stores below fall in
-    // different banks.
-    const int n = v % npad;
-    const int t = (v / npad) * kVec;
-    float vals[kVec];
-    if (n < dstate) {
-      const int64_t off = base + n * bc.dstate_stride;
-      // 16-byte loads need an aligned element offset; checked per segment.
-      const bool fp32 = bc.type == ScalarKind::kFloat32;
-      const int esize = fp32 ? 4 : 2;
-      const bool aligned = ((reinterpret_cast<uintptr_t>(bc.ptr) + (off + t) * esize) & 15) == 0;
-      if (fp32) {
-        load_vec(static_cast<const float*>(bc.ptr) + off, t, len, aligned, vals);
-      } else {
-        load_vec(static_cast<const input_t*>(bc.ptr) + off, t, len, aligned, vals);
-      }
+    if (bc_fp32<input_t>(bc)) {
+      store_bc_seg(load_bc_seg<float>(bc, b, g, t0, len, dstate, npad, v), npad, v, dst);
     } else {
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) vals[i] = 0.f;
+      store_bc_seg(load_bc_seg<input_t>(bc, b, g, t0, len, dstate, npad, v), npad, v, dst);
     }
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = vals[i];
   }
 }
 

@@ -25,6 +25,8 @@ int max_smem_per_block() {
   return bytes;
 }
 
+enum class Direction { kForward, kBackward };
+
 // States per thread: SELECTIVE_SCAN_SPT (1, 4 or 8) overrides the choice, for tuning.
 int states_per_thread(const ScanParams& p) {
   const int n = static_cast<int>(p.dstate);
@@ -38,8 +40,6 @@ int states_per_thread(const ScanParams& p) {
   const int64_t threads4 = p.batch * p.dim * next_pow2((n + 3) / 4);
   return (n <= 32 && threads4 < 32768) ? 1 : 4;
 }
-
-enum class Direction { kForward, kBackward };
 
 BlockShape block_shape(const ScanParams& p, Direction dir) {
   BlockShape s;

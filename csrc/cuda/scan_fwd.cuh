@@ -13,7 +13,7 @@ struct FwdFlags {
 };
 
 template <typename input_t, int kSPT>
-__global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
+__global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int npad = s.tpc * kSPT;
@@ -57,42 +57,100 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
   const int64_t n_chunks = num_checkpoints(p.seqlen);
   float* ckpt = static_cast<float*>(p.checkpoints) + (rows.b * p.dim + d) * n_chunks * dstate;
-  const int vecs = s.cpb * (kChunk / kVec);
+  const int vecs = s.cpb * (kChunk / kVec);  // segments of u, delta, z and out per chunk
+  const int bc_vecs = npad * (kChunk / kVec);
+  // Software pipelining: while a chunk is computed, the next chunk's u, delta, B and C and this
+  // chunk's z are in flight in registers, packed as loaded. That needs at most two u / delta / z
+  // segments and one B and one C segment per thread; larger shares load when staged.
+  const bool pre_ud = vecs <= 2 * s.threads;
+  // (B or C in fp32 with 16-bit inputs loads when staged: the registers hold the input type.)
+  const bool pre_bc = bc_vecs <= s.threads && (!p.B.is_variable || !bc_fp32<input_t>(p.B) || sizeof(input_t) == 4) &&
+                      (!p.C.is_variable || !bc_fp32<input_t>(p.C) || sizeof(input_t) == 4);
+  RawSeg<input_t> ru[2], rd[2], rz[2], rb, rc;
 
-  for (int64_t k = 0; k < n_chunks; ++k) {
+  auto chunk_len = [&](int64_t k) {
+    return static_cast<int>(p.seqlen - k * kChunk < kChunk ? p.seqlen - k * kChunk : kChunk);
+  };
+  // Segments first + tid and first + tid + threads of u and delta of chunk k (zeros for channels
+  // past the block's range).
+  auto load_ud = [&](int64_t k, int first) {
     const int64_t t0 = k * kChunk;
-    const int len = static_cast<int>(p.seqlen - t0 < kChunk ? p.seqlen - t0 : kChunk);
-
-    // Stage u, d = softplus(delta + bias) and d * u for the block's channels (zeros past the end,
-    // so padded steps leave the state unchanged), and variable B / C.
-    for (int v = tid; v < vecs; v += s.threads) {
+    const int len = chunk_len(k);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int v = first + tid + i * s.threads;
+      const int cc = v / (kChunk / kVec);
+      const int t = (v % (kChunk / kVec)) * kVec;
+      if (v < vecs && cc < rows.valid) {
+        const int64_t dc = rows.d0 + cc;
+        ru[i] = load_seg(u_base + dc * p.u.dim_stride + t0, t, len, f.u_aligned);
+        rd[i] = load_seg(delta_base + dc * p.delta.dim_stride + t0, t, len, f.delta_aligned);
+      } else {
+        zero_seg(ru[i]);
+        zero_seg(rd[i]);
+      }
+    }
+  };
+  // Stages u, d = softplus(delta + bias) and d * u (zeros past the end, so padded steps leave the
+  // state unchanged) from the loaded segments.
+  auto stage_ud = [&](int64_t k, int first) {
+    const int len = chunk_len(k);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int v = first + tid + i * s.threads;
+      if (v >= vecs) continue;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
       float uu[kVec], dd[kVec];
-      if (cc < rows.valid) {
-        const int64_t dc = rows.d0 + cc;
-        load_vec(u_base + dc * p.u.dim_stride + t0, t, len, f.u_aligned, uu);
-        load_vec(delta_base + dc * p.delta.dim_stride + t0, t, len, f.delta_aligned, dd);
-        const float bias = delta_bias ? delta_bias[dc] : 0.f;
+      seg_floats(ru[i], uu);
+      seg_floats(rd[i], dd);
+      const bool cv = cc < rows.valid;
+      const float bias = (cv && delta_bias) ? delta_bias[rows.d0 + cc] : 0.f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          float x = dd[i] + bias;
-          if (p.delta_softplus) x = softplus(x);
-          dd[i] = t + i < len ? x : 0.f;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) uu[i] = dd[i] = 0.f;
+      for (int j = 0; j < kVec; ++j) {
+        float x = dd[j] + bias;
+        if (p.delta_softplus) x = softplus(x);
+        dd[j] = (cv && t + j < len) ? x : 0.f;
       }
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        s_u[cc * kRow + t + i] = uu[i];
-        s_d[cc * kRow + t + i] = dd[i];
-        s_du[cc * kRow + t + i] = dd[i] * uu[i];
+      for (int j = 0; j < kVec; ++j) {
+        s_u[cc * kRow + t + j] = uu[j];
+        s_d[cc * kRow + t + j] = dd[j];
+        s_du[cc * kRow + t + j] = dd[j] * uu[j];
       }
     }
-    if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
-    if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+  };
+  auto load_bc = [&](int64_t k) {
+    if (tid >= bc_vecs) return;
+    const int len = chunk_len(k);
+    if (p.B.is_variable) rb = load_bc_seg<input_t>(p.B, rows.b, rows.gB, k * kChunk, len, dstate, npad, tid);
+    if (p.C.is_variable) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, k * kChunk, len, dstate, npad, tid);
+
+  };
+
+  if (pre_ud) load_ud(0, 0);
+  if (pre_bc) load_bc(0);
+  for (int64_t k = 0; k < n_chunks; ++k) {
+    const int64_t t0 = k * kChunk;
+    const int len = chunk_len(k);
+
+    if (pre_ud) {
+      stage_ud(k, 0);
+    } else {
+      for (int first = 0; first < vecs; first += 2 * s.threads) {
+        load_ud(k, first);
+        stage_ud(k, first);
+      }
+    }
+    if (pre_bc) {
+      if (tid < bc_vecs) {
+        if (p.B.is_variable) store_bc_seg(rb, npad, tid, s_B);
+        if (p.C.is_variable) store_bc_seg(rc, npad, tid, s_C);
+      }
+    } else {
+      if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
+      if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+    }
 
     // The state before this chunk, for the backward.
     if (c_valid) {
@@ -101,6 +159,21 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
         if (n0 + j < dstate) ckpt[k * dstate + n0 + j] = h[j];
     }
     __syncthreads();
+
+    if (k + 1 < n_chunks) {
+      if (pre_ud) load_ud(k + 1, 0);
+      if (pre_bc) load_bc(k + 1);
+    }
+    if (z_base && pre_ud) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int v = tid + i * s.threads;
+        const int cc = v / (kChunk / kVec);
+        const int t = (v % (kChunk / kVec)) * kVec;
+        if (v < vecs && cc < rows.valid && t < len)
+          rz[i] = load_seg(z_base + (rows.d0 + cc) * p.z.dim_stride + t0, t, len, f.z_aligned);
+      }
+    }
 
     // The recurrence over the chunk, one exp per (step, state), in groups of kGroup steps whose
     // outputs are summed over the channel's threads together (independent shuffles).
@@ -134,22 +207,26 @@ __global__ void __launch_bounds__(128) scan_fwd_kernel(const ScanParams p, const
     __syncthreads();
 
     // Sum the partial outputs of each channel's threads, add D u, gate with silu(z), store.
-    for (int v = tid; v < vecs; v += s.threads) {
-      const int cc = v / (kChunk / kVec);
-      const int t = (v % (kChunk / kVec)) * kVec;
-      if (cc >= rows.valid || t >= len) continue;
-      const int64_t dc = rows.d0 + cc;
-      const float Dd = D ? D[dc] : 0.f;
-      float y[kVec];
+    for (int first = 0; first < vecs; first += 2 * s.threads) {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) y[i] = fmaf(Dd, s_u[cc * kRow + t + i], s_y[cc * kRow + t + i]);
-      if (z_base) {
-        float zz[kVec];
-        load_vec(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned, zz);
+      for (int i = 0; i < 2; ++i) {
+        const int v = first + tid + i * s.threads;
+        const int cc = v / (kChunk / kVec);
+        const int t = (v % (kChunk / kVec)) * kVec;
+        if (v >= vecs || cc >= rows.valid || t >= len) continue;
+        const int64_t dc = rows.d0 + cc;
+        const float Dd = D ? D[dc] : 0.f;
+        float y[kVec];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) y[i] *= zz[i] * sigmoid(zz[i]);
+        for (int j = 0; j < kVec; ++j) y[j] = fmaf(Dd, s_u[cc * kRow + t + j], s_y[cc * kRow + t + j]);
+        if (z_base) {
+          float zz[kVec];
+          seg_floats(pre_ud ? rz[i] : load_seg(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned), zz);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) y[j] *= zz[j] * sigmoid(zz[j]);
+        }
+        store_vec(out_base + dc * p.out.dim_stride + t0, t, len, f.out_aligned, y);
       }
-      store_vec(out_base + dc * p.out.dim_stride + t0, t, len, f.out_aligned, y);
     }
     __syncthreads();
   }

@@ -1,39 +1,37 @@
 // CUDA kernel of the decode-step op: one recurrent step of the selective SSM, the fp32 state read
 // once and written once (16-byte vector loads/stores where aligned). A row (batch, channel) is
-// handled by kTPR lanes of a warp, each owning kChunks chunks of 4 states (loaded together, so several
-// 16-byte loads are in flight per thread); y is reduced by shuffles.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+// handled by kTPR lanes of a warp, each owning kChunks chunks of 4 states, all loaded before any
+// is used; y is reduced over the row's lanes by shuffles. Row indices are 32-bit and split into
+// (batch, channel) by a precomputed multiply-shift. The decay and softplus are the scan's (scan_common.cuh), so that a prefill by the scan
+// and steps by this kernel follow the same arithmetic.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
+#include "scan_common.cuh"
 #include "state_update_cuda.h"
 
 namespace selective_scan {
 namespace {
 
+using cuda_detail::decay_exp2;
+using cuda_detail::from_float;
+using cuda_detail::kLog2e;
+using cuda_detail::to_float;
+
+// Per-row math at full accuracy (each row pays it once): softplus with torch's threshold 20 and silu.
+__device__ __forceinline__ float softplus_exact(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+__device__ __forceinline__ float silu_exact(float z) { return z / (1.f + expf(-z)); }
+
 constexpr int kThreads = 128;
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T>
 __device__ __forceinline__ float load(const void* base, int64_t i) {
-  return to_float<T>(__ldg(static_cast<const T*>(base) + i));
+  return to_float(__ldg(static_cast<const T*>(base) + i));
 }
 
 // Four consecutive elements of B or C as floats; `vec`: aligned to 4 elements.
@@ -47,76 +45,113 @@ __device__ __forceinline__ void load4(const T* p, bool vec, int valid, float (&v
       const uint2 q = __ldg(reinterpret_cast<const uint2*>(p));
       const T* e = reinterpret_cast<const T*>(&q);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) v[j] = to_float<T>(e[j]);
+      for (int j = 0; j < 4; ++j) v[j] = to_float(e[j]);
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) v[j] = j < valid ? to_float<T>(__ldg(p + j)) : 0.f;
+    for (int j = 0; j < 4; ++j) v[j] = j < valid ? to_float(__ldg(p + j)) : 0.f;
   }
 }
 
-__device__ __forceinline__ float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
+// x / d by a multiply and a shift, for 0 <= x < 2^31 (d >= 1): with l = ceil(log2 d) and
+// m = ceil(2^(31 + l) / d) < 2^32, x / d = floor(x m / 2^(31 + l)). Set up on the host, so that the
+// row -> (batch, channel) split costs no division on the GPU.
+struct FastDiv {
+  uint32_t mul = 0, shift = 0, one = 1;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t d) {
+    if (d <= 1) return;
+    one = 0;
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < d) ++l;
+    mul = static_cast<uint32_t>(((uint64_t{1} << (31 + l)) + d - 1) / d);
+    shift = l - 1;
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t x) const { return one ? x : __umulhi(x, mul) >> shift; }
+};
+
+struct RowSplit {
+  FastDiv by_dim, by_group_dim;
+};
+
+// The row of a thread's pass, clamped to the last row (so that every lane reaches the shuffles).
+// Rows are 32-bit: the host launches batch slabs of fewer than 2^31 rows.
+struct RowRef {
+  uint32_t row, b, d, g;
+  bool active;
+};
+
+__device__ __forceinline__ RowRef row_ref(const StateUpdateParams& p, const RowSplit& split, uint32_t row,
+                                          uint32_t rows) {
+  RowRef r;
+  r.active = row < rows;
+  r.row = r.active ? row : rows - 1;
+  r.b = split.by_dim.div(r.row);
+  r.d = r.row - r.b * static_cast<uint32_t>(p.dim);
+  r.g = split.by_group_dim.div(r.d);
+  return r;
+}
 
 template <int kTPR, int kChunks, typename TIn, typename TBC>
 __global__ void __launch_bounds__(kThreads)
-state_update_kernel(const StateUpdateParams p, const bool vec) {
-  constexpr int kRowsPerBlock = kThreads / kTPR;
-  const int64_t rows = p.batch * p.dim;
+state_update_kernel(const StateUpdateParams p, const RowSplit split, const bool vec) {
+  constexpr uint32_t kRowsPerBlock = kThreads / kTPR;
+  const uint32_t rows = static_cast<uint32_t>(p.batch * p.dim);
   const int lane = threadIdx.x % kTPR;
-  int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kTPR;
-  // Rows past the end recompute the last row (so every lane reaches the shuffles) and store nothing.
-  const bool active = row < rows;
-  if (!active) row = rows - 1;
-  const int64_t b = row / p.dim, d = row % p.dim;
-  const int64_t g = d / (p.dim / p.n_groups);
-
-  const float x = load<TIn>(p.x, b * p.x_batch_stride + d * p.x_dim_stride);
-  float dt = load<TIn>(p.dt, b * p.dt_batch_stride + d * p.dt_dim_stride);
-  if (p.dt_bias) dt += __ldg(p.dt_bias + d);
-  if (p.dt_softplus) dt = softplus(dt);
-  const float dtx = dt * x;
+  const RowRef rr = row_ref(p, split, blockIdx.x * kRowsPerBlock + threadIdx.x / kTPR, rows);
+  const uint32_t b = rr.b, d = rr.d;
+  // Lane `lane` owns states 4 (lane + i kTPR) .. +3 for i < kChunks: at each i the row's lanes read
+  // one contiguous run.
+  auto first_state = [&](int i) { return 4 * (lane + i * kTPR); };
+  auto valid_states = [&](int n0) {
+    return n0 >= p.dstate ? 0 : static_cast<int>(p.dstate - n0 < 4 ? p.dstate - n0 : 4);
+  };
 
   float* s = p.state + b * p.state_batch_stride + d * p.state_dim_stride;
-  const float* A = p.A + d * p.A_dim_stride;
-  const TBC* B = static_cast<const TBC*>(p.B) + b * p.B_batch_stride + g * p.B_group_stride;
-  const TBC* C = static_cast<const TBC*>(p.C) + b * p.C_batch_stride + g * p.C_group_stride;
-
-  // All loads of the row's states first (several 16-byte loads in flight per thread), then the
-  // update, then the stores.
-  float sv[kChunks][4], av[kChunks][4], bv[kChunks][4], cv[kChunks][4];
+  float sv[kChunks][4];
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
-    const int n0 = 4 * (lane + i * kTPR);
-    const int valid = n0 >= p.dstate ? 0 : static_cast<int>(p.dstate - n0 < 4 ? p.dstate - n0 : 4);
+    const int n0 = first_state(i), valid = valid_states(n0);
     if (vec && valid == 4) {
       const float4 q = __ldcs(reinterpret_cast<const float4*>(s + n0));
       sv[i][0] = q.x; sv[i][1] = q.y; sv[i][2] = q.z; sv[i][3] = q.w;
-      const float4 a = __ldg(reinterpret_cast<const float4*>(A + n0));
-      av[i][0] = a.x; av[i][1] = a.y; av[i][2] = a.z; av[i][3] = a.w;
     } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        sv[i][j] = j < valid ? s[n0 + j] : 0.f;
-        av[i][j] = j < valid ? __ldg(A + n0 + j) : 0.f;
-      }
+      for (int j = 0; j < 4; ++j) sv[i][j] = j < valid ? s[n0 + j] : 0.f;
     }
-    load4<TBC>(B + n0, vec && valid == 4, valid, bv[i]);
-    load4<TBC>(C + n0, vec && valid == 4, valid, cv[i]);
   }
+  const float x = load<TIn>(p.x, b * p.x_batch_stride + d * p.x_dim_stride);
+  float dt = load<TIn>(p.dt, b * p.dt_batch_stride + d * p.dt_dim_stride);
+  if (p.dt_bias) dt += __ldg(p.dt_bias + d);
+  if (p.dt_softplus) dt = softplus_exact(dt);
+  const float dtx = dt * x;
+  const float* A = p.A + d * p.A_dim_stride;
+  const TBC* B = static_cast<const TBC*>(p.B) + b * p.B_batch_stride + rr.g * p.B_group_stride;
+  const TBC* C = static_cast<const TBC*>(p.C) + b * p.C_batch_stride + rr.g * p.C_group_stride;
   float y = 0.f;
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
+    const int n0 = first_state(i), valid = valid_states(n0);
+    float av[4], bv[4], cv[4];
+    if (vec && valid == 4) {
+      const float4 a = __ldg(reinterpret_cast<const float4*>(A + n0));
+      av[0] = a.x; av[1] = a.y; av[2] = a.z; av[3] = a.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) av[j] = j < valid ? __ldg(A + n0 + j) : 0.f;
+    }
+    load4<TBC>(B + n0, vec && valid == 4, valid, bv);
+    load4<TBC>(C + n0, vec && valid == 4, valid, cv);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      sv[i][j] = expf(dt * av[i][j]) * sv[i][j] + bv[i][j] * dtx;
-      y += cv[i][j] * sv[i][j];  // zero for states past dstate: cv is 0 there
+      sv[i][j] = fmaf(decay_exp2(dt * av[j] * kLog2e), sv[i][j], bv[j] * dtx);
+      y = fmaf(cv[j], sv[i][j], y);  // zero for states past dstate: cv is 0 there
     }
   }
-  if (active) {
+  if (rr.active) {
 #pragma unroll
     for (int i = 0; i < kChunks; ++i) {
-      const int n0 = 4 * (lane + i * kTPR);
-      const int valid = n0 >= p.dstate ? 0 : static_cast<int>(p.dstate - n0 < 4 ? p.dstate - n0 : 4);
+      const int n0 = first_state(i), valid = valid_states(n0);
       if (vec && valid == 4) {
         __stcs(reinterpret_cast<float4*>(s + n0), make_float4(sv[i][0], sv[i][1], sv[i][2], sv[i][3]));
       } else {
@@ -128,19 +163,44 @@ state_update_kernel(const StateUpdateParams p, const bool vec) {
   }
 #pragma unroll
   for (int off = kTPR / 2; off > 0; off /= 2) y += __shfl_xor_sync(0xffffffffu, y, off, kTPR);
-
-  if (active && lane == 0) {
-    if (p.D) y += __ldg(p.D + d) * x;
+  if (rr.active && lane == 0) {
+    if (p.D) y = fmaf(__ldg(p.D + d), x, y);
     if (p.z) {
       const float z = load<TIn>(p.z, b * p.z_batch_stride + d * p.z_dim_stride);
-      y *= z / (1.f + expf(-z));
+      y *= silu_exact(z);
     }
-    static_cast<TIn*>(p.out)[row] = from_float<TIn>(y);
+    static_cast<TIn*>(p.out)[rr.row] = from_float<TIn>(y);
   }
 }
 
 bool aligned(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// SELECTIVE_SCAN_DECODE_NARROW=1 gives each lane one chunk of 4 states (more lanes per row), for tuning.
+template <int kTPR, int kChunks, typename TIn, typename TBC>
+void launch_rows(const StateUpdateParams& p, bool vec, cudaStream_t stream) {
+  if (p.dim >= (int64_t{1} << 31)) throw std::runtime_error("state_update_cuda: dim must be below 2^31");
+  RowSplit split;
+  split.by_dim = FastDiv(static_cast<uint32_t>(p.dim));
+  split.by_group_dim = FastDiv(static_cast<uint32_t>(p.dim / p.n_groups));
+  // Batch slabs of fewer than 2^31 rows, so that row indices are 32-bit in the kernel.
+  const int64_t slab = std::max<int64_t>(1, ((int64_t{1} << 31) - 1) / p.dim);
+  const int64_t in_size = p.input_type == ScalarKind::kFloat32 ? 4 : 2;
+  constexpr int64_t kRowsPerBlock = kThreads / kTPR;
+  for (int64_t b0 = 0; b0 < p.batch; b0 += slab) {
+    StateUpdateParams q = p;
+    q.batch = std::min(slab, p.batch - b0);
+    q.state = p.state + b0 * p.state_batch_stride;
+    q.x = static_cast<const char*>(p.x) + b0 * p.x_batch_stride * in_size;
+    q.dt = static_cast<const char*>(p.dt) + b0 * p.dt_batch_stride * in_size;
+    if (p.z) q.z = static_cast<const char*>(p.z) + b0 * p.z_batch_stride * in_size;
+    q.B = static_cast<const TBC*>(p.B) + b0 * p.B_batch_stride;
+    q.C = static_cast<const TBC*>(p.C) + b0 * p.C_batch_stride;
+    q.out = static_cast<char*>(p.out) + b0 * p.dim * in_size;
+    const int64_t blocks = (q.batch * q.dim + kRowsPerBlock - 1) / kRowsPerBlock;
+    state_update_kernel<kTPR, kChunks, TIn, TBC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, split, vec);
+  }
 }
 
 template <typename TIn, typename TBC>
@@ -150,22 +210,17 @@ void launch_typed(const StateUpdateParams& p, cudaStream_t stream) {
                    p.state_dim_stride % 4 == 0 && aligned(p.A, 16) && p.A_dim_stride % 4 == 0 &&
                    aligned(p.B, 4 * bc) && p.B_batch_stride % 4 == 0 && p.B_group_stride % 4 == 0 &&
                    aligned(p.C, 4 * bc) && p.C_batch_stride % 4 == 0 && p.C_group_stride % 4 == 0;
-  const int64_t rows = p.batch * p.dim;
   const int64_t chunks = (p.dstate + 3) / 4;  // of 4 states
-  auto go = [&](auto kernel, int tpr) {
-    const int64_t rows_per_block = kThreads / tpr;
-    const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-    if (blocks > 0x7fffffff) throw std::runtime_error("state_update_cuda: too many rows");
-    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec);
-  };
-  // Two chunks of 4 states per lane (two 16-byte state loads in flight per thread).
-  if (chunks <= 1) go(state_update_kernel<1, 1, TIn, TBC>, 1);
-  else if (chunks <= 2) go(state_update_kernel<1, 2, TIn, TBC>, 1);
-  else if (chunks <= 4) go(state_update_kernel<2, 2, TIn, TBC>, 2);
-  else if (chunks <= 8) go(state_update_kernel<4, 2, TIn, TBC>, 4);
-  else if (chunks <= 16) go(state_update_kernel<8, 2, TIn, TBC>, 8);
-  else if (chunks <= 32) go(state_update_kernel<16, 2, TIn, TBC>, 16);
-  else if (chunks <= 64) go(state_update_kernel<32, 2, TIn, TBC>, 32);
+  // Up to 16 states: one chunk per lane, the row's lanes reading one contiguous run (measured
+  // fastest at dstate 16). Above: four chunks per lane, so that the per-row work (indices,
+  // softplus, gating) is shared by fewer lanes (measured fastest at dstate 64).
+  if (chunks <= 1) launch_rows<1, 1, TIn, TBC>(p, vec, stream);
+  else if (chunks <= 2) launch_rows<2, 1, TIn, TBC>(p, vec, stream);
+  else if (chunks <= 4) launch_rows<4, 1, TIn, TBC>(p, vec, stream);
+  else if (chunks <= 8) launch_rows<2, 4, TIn, TBC>(p, vec, stream);
+  else if (chunks <= 16) launch_rows<4, 4, TIn, TBC>(p, vec, stream);
+  else if (chunks <= 32) launch_rows<8, 4, TIn, TBC>(p, vec, stream);
+  else if (chunks <= 64) launch_rows<16, 4, TIn, TBC>(p, vec, stream);
   else throw std::runtime_error("state_update_cuda: dstate above 256 is not supported");
 }
 
