@@ -313,7 +313,7 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
     ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
                           pD.data_ptr<float>(), pbias.data_ptr<float>()};
     scan_bwd_cuda(b, parts, at::cuda::getCurrentCUDAStream().stream());
-    const at::IntArrayRef slots{0};
+    const int64_t slots = 0;  // the slot dimension of every partial buffer
     at::sum_out(dA, pA, slots);
     at::sum_out(dD, pD, slots);
     at::sum_out(ddelta_bias, pbias, slots);
