@@ -380,6 +380,8 @@ def plan(args, device):
 # ---------------------------------------------------------------- machine info and output
 
 def git_commit():
+    if os.environ.get("SELECTIVE_SCAN_COMMIT"):  # a copy of the tree without its git history
+        return os.environ["SELECTIVE_SCAN_COMMIT"]
     try:
         out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                              timeout=10)
@@ -508,6 +510,16 @@ def main(argv=None):
     print(f"# {info['gpu'] or info['cpu']}  ({info['cpu_count']} cpus, {info['torch_threads']} torch threads)")
     records = []
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 0
+    if device == "cuda":
+        info["floor_model"] = {"mufu_per_sm_clk": MUFU_PER_SM_CLK, "fp32_per_sm_clk": FP32_PER_SM_CLK,
+                               "sm_clock_hz": SM_CLOCK_HZ, "hbm_bytes_per_s": HBM_BYTES_PER_S,
+                               "sm_count": sm_count, "see": "floor_model() in benchmarks/bench_scan.py"}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+
+    def write(complete):
+        with open(out_path, "w") as f:
+            json.dump({"machine": dict(info, complete=complete), "records": records}, f, indent=1)
+
     for name, fn, shape, dt, direction, reason, suite in plan(args, device):
         if wanted is not None and name not in wanted:
             continue
@@ -527,19 +539,14 @@ def main(argv=None):
                 if rec["official_h200_us"]:
                     extra += f"  official {rec['official_h200_us']} us"
         records.append(rec)
+        write(complete=False)  # after every record, so that an interrupted run keeps what it measured
         print(f"  {name:<15} {'x'.join(map(str, shape)):<18} {dt:<5} {direction:<7} "
               f"{fmt_us(rec['median_us']):>10} ms" + (f"  ({rec['skipped']})" if rec["skipped"] else "") + extra,
               flush=True)
     print()
     print_table(records)
     print_ratios(records)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    if device == "cuda":
-        info["floor_model"] = {"mufu_per_sm_clk": MUFU_PER_SM_CLK, "fp32_per_sm_clk": FP32_PER_SM_CLK,
-                               "sm_clock_hz": SM_CLOCK_HZ, "hbm_bytes_per_s": HBM_BYTES_PER_S,
-                               "sm_count": sm_count, "see": "floor_model() in benchmarks/bench_scan.py"}
-    with open(out_path, "w") as f:
-        json.dump({"machine": info, "records": records}, f, indent=1)
+    write(complete=True)
     print(f"\nwrote {out_path}")
 
 
