@@ -450,17 +450,10 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
                        (bp.dz.ptr == nullptr || rows_aligned(bp.dz, esize))};
   const int smem = bwd_smem_layout(s).total * static_cast<int>(sizeof(float));
   const dim3 grid(static_cast<unsigned>(grid_blocks(p, s)));
-  auto launch = [&](auto kernel) {
-    set_smem(kernel, smem);
-    kernel<<<grid, s.threads, smem, stream>>>(bp, s, f, parts);
-    check_cuda(cudaGetLastError(), "scan_bwd_kernel launch");
-  };
-  switch (s.spt) {
-    case 1: launch(scan_bwd_kernel<input_t, 1>); break;
-    case 4: launch(scan_bwd_kernel<input_t, 4>); break;
-    case 8: launch(scan_bwd_kernel<input_t, 8>); break;
-    default: throw std::runtime_error("selective_scan: unsupported states per thread");
-  }
+  dispatch_spt(s.spt, [&](auto spt) {
+    launch_checked(scan_bwd_kernel<input_t, decltype(spt)::value>, grid, s.threads, smem, stream,
+                   "scan_bwd_kernel launch", bp, s, f, parts);
+  });
 }
 
 }  // namespace cuda_detail

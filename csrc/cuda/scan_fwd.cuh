@@ -254,17 +254,10 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
                    p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, esize)};
   const int smem = fwd_smem_floats(s) * static_cast<int>(sizeof(float));
   const dim3 grid(static_cast<unsigned>(grid_blocks(p, s)));
-  auto launch = [&](auto kernel) {
-    set_smem(kernel, smem);
-    kernel<<<grid, s.threads, smem, stream>>>(p, s, f);
-    check_cuda(cudaGetLastError(), "scan_fwd_kernel launch");
-  };
-  switch (s.spt) {
-    case 1: launch(scan_fwd_kernel<input_t, 1>); break;
-    case 4: launch(scan_fwd_kernel<input_t, 4>); break;
-    case 8: launch(scan_fwd_kernel<input_t, 8>); break;
-    default: throw std::runtime_error("selective_scan: unsupported states per thread");
-  }
+  dispatch_spt(s.spt, [&](auto spt) {
+    launch_checked(scan_fwd_kernel<input_t, decltype(spt)::value>, grid, s.threads, smem, stream,
+                   "scan_fwd_kernel launch", p, s, f);
+  });
 }
 
 }  // namespace cuda_detail

@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "scan_common.cuh"
 #include "scan_cuda.h"
@@ -25,6 +26,27 @@ void set_smem(Kernel kernel, int bytes) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
                "cudaFuncSetAttribute");
   }
+}
+
+// Calls f(std::integral_constant<int, spt>{}) for the states-per-thread values the kernels are
+// compiled for (1, 4 and 8).
+template <typename F>
+void dispatch_spt(int spt, F&& f) {
+  switch (spt) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: throw std::runtime_error("selective_scan: unsupported states per thread");
+  }
+}
+
+// Launches `kernel` with `smem` bytes of dynamic shared memory on `stream` and checks the launch.
+template <typename Kernel, typename... Args>
+void launch_checked(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream, const char* what,
+                    const Args&... args) {
+  set_smem(kernel, smem);
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  check_cuda(cudaGetLastError(), what);
 }
 
 inline int64_t grid_blocks(const ScanParams& p, const BlockShape& s) {
