@@ -9,6 +9,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -87,8 +88,20 @@ def time_cpu(fn, states, c, calls, reps):
     return statistics.median(times)
 
 
+def git_commit():
+    """SELECTIVE_SCAN_COMMIT when set (a copy of the tree without its history), else git's HEAD."""
+    if os.environ.get("SELECTIVE_SCAN_COMMIT"):
+        return os.environ["SELECTIVE_SCAN_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def machine_info(device):
-    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "platform": platform.platform(),
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "selective_scan": selective_scan.build_info(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "device": device}

@@ -336,6 +336,17 @@ def add_rates(rec, sm_count):
                    pct_of_floor=100.0 * floor_us / rec["median_us"])
 
 
+def bench_cases(shapes, dtypes, sweeps):
+    """(shape, dtype, suite) of every case: the anchor shapes in each dtype, then (with `sweeps`)
+    the seqlen and dstate sweeps in bf16 and the off-path cases."""
+    cases = [(shape, dt, "anchor") for shape in shapes for dt in dtypes]
+    if sweeps:
+        cases += [(shape, "bf16", "seqlen_sweep") for shape in SEQLEN_SWEEP]
+        cases += [(shape, "bf16", "dstate_sweep") for shape in DSTATE_SWEEP]
+        cases += [(shape, dt, "off_path") for shape, dt in OFF_PATH]
+    return cases
+
+
 def plan(args, device):
     """(provider, fn, shape, dtype, direction, reason-to-skip-or-None) for every record."""
     if args.shapes:
@@ -354,11 +365,8 @@ def plan(args, device):
     if mamba is not None:
         providers["mamba_ssm"] = mamba
     free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
-    cases = [(shape, dt, "anchor") for shape in shapes for dt in dtypes]
-    if device == "cuda" and not args.shapes and not args.quick and not args.no_sweeps:
-        cases += [(shape, "bf16", "seqlen_sweep") for shape in SEQLEN_SWEEP]
-        cases += [(shape, "bf16", "dstate_sweep") for shape in DSTATE_SWEEP]
-        cases += [(shape, dt, "off_path") for shape, dt in OFF_PATH]
+    sweeps = device == "cuda" and not args.shapes and not args.quick and not args.no_sweeps
+    cases = bench_cases(shapes, dtypes, sweeps)
     for shape, dt, suite in cases:
         sweep = suite != "anchor"
         for direction in directions:

@@ -76,3 +76,18 @@ def test_floor_model_matches_the_h200_floors():
     assert rec["pct_of_floor"] == pytest.approx(50.0)
     assert rec["official_h200_us"] == 448
     assert rec["texp_per_s"] == pytest.approx(exps / (2 * fwd * 1e-6) / 1e12)
+
+
+def test_gpu_cases_cover_the_sweeps():
+    """The GPU run covers seqlen 128..65536 at (8, 1536, L, 16) and dstate 4..256 at (8, 1536, 2048),
+    plus batch 1 and fp16; without sweeps only the anchor shapes run."""
+    bench = _load_bench()
+    cases = bench.bench_cases(bench.GPU_SHAPES, ["fp32", "bf16"], sweeps=True)
+    seq = [s for s, dt, suite in cases if suite == "seqlen_sweep"]
+    assert [s[2] for s in seq] == [2 ** k for k in range(7, 17)] and {s[:2] + s[3:] for s in seq} == {(8, 1536, 16)}
+    nst = [s for s, dt, suite in cases if suite == "dstate_sweep"]
+    assert [s[3] for s in nst] == [4, 8, 16, 32, 64, 128, 256] and {s[:3] for s in nst} == {(8, 1536, 2048)}
+    off = [(s, dt) for s, dt, suite in cases if suite == "off_path"]
+    assert any(s[0] == 1 for s, _ in off) and any(dt == "fp16" for _, dt in off)
+    anchors = bench.bench_cases(bench.GPU_SHAPES, ["fp32", "bf16"], sweeps=False)
+    assert len(anchors) == 2 * len(bench.GPU_SHAPES) and all(suite == "anchor" for _, _, suite in anchors)
