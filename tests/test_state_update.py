@@ -82,12 +82,11 @@ def test_fp32_bc_with_low_precision_inputs(device, itype):
     check_against_ref(make_inputs(4, 16, 16, itype, device, groups=2, bc_fp32=True, seed=5))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_strided_inputs(device):
+def strided_inputs(batch, dim, dstate, itype, device, seed=7):
     """Slices of larger tensors: state a batch slice of a cache (updated through the view), x/dt/z
-    with a non-unit dim stride, B/C with padded rows, A with a padded row stride."""
-    batch, dim, dstate = 3, 16, 16
-    inp = make_inputs(batch, dim, dstate, torch.float32, device, groups=2, seed=7)
+    with a non-unit dim stride, B/C with padded rows, A with a padded row stride. Returns the
+    inputs and the cache the state is a view of."""
+    inp = make_inputs(batch, dim, dstate, itype, device, groups=2, seed=seed)
     big_state = torch.randn(batch + 2, dim, dstate + 4, device=device)
     state = big_state[1:1 + batch, :, 2:2 + dstate]  # unaligned and strided along batch and dim
     state.copy_(inp["state"])
@@ -97,15 +96,38 @@ def test_strided_inputs(device):
         wide[:, ::2] = inp[k]
         inp[k] = wide[:, ::2]
     for k in ("B", "C"):
-        padded = torch.randn(batch, 2, dstate + 3, device=device)
+        padded = torch.randn(batch, 2, dstate + 3, device=device, dtype=inp[k].dtype)
         padded[..., :dstate] = inp[k]
         inp[k] = padded[..., :dstate]
     A_pad = torch.randn(dim, dstate + 1, device=device)
     A_pad[:, :dstate] = inp["A"]
     inp["A"] = A_pad[:, :dstate]
+    return inp, big_state
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    """Strided views of every input (see strided_inputs); the cache outside the view is untouched."""
+    inp, big_state = strided_inputs(3, 16, 16, torch.float32, device)
     untouched = big_state[0].clone()
     check_against_ref(inp)
     torch.testing.assert_close(big_state[0], untouched, rtol=0, atol=0)  # outside the view
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("itype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dstate", [16, 64])
+def test_cuda_batch_slabs(monkeypatch, itype, dstate):
+    """The CUDA kernel launches batch slabs of fewer than 2^31 rows (32-bit row indices);
+    SELECTIVE_SCAN_DECODE_SLAB_ROWS lowers that bound so that a small problem spans several slabs
+    (here 2 batches of 16 channels per slab, 4 slabs), each with its own pointer offsets, on the
+    strided inputs."""
+    monkeypatch.setenv("SELECTIVE_SCAN_DECODE_SLAB_ROWS", "40")
+    inp, big_state = strided_inputs(7, 16, dstate, itype, "cuda", seed=11)
+    untouched = big_state[0].clone()
+    check_against_ref(inp)
+    torch.testing.assert_close(big_state[0], untouched, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

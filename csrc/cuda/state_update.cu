@@ -184,8 +184,14 @@ void launch_rows(const StateUpdateParams& p, bool vec, cudaStream_t stream) {
   RowSplit split;
   split.by_dim = FastDiv(static_cast<uint32_t>(p.dim));
   split.by_group_dim = FastDiv(static_cast<uint32_t>(p.dim / p.n_groups));
-  // Batch slabs of fewer than 2^31 rows, so that row indices are 32-bit in the kernel.
-  const int64_t slab = std::max<int64_t>(1, ((int64_t{1} << 31) - 1) / p.dim);
+  // Batch slabs of fewer than 2^31 rows, so that row indices are 32-bit in the kernel
+  // (SELECTIVE_SCAN_DECODE_SLAB_ROWS lowers the bound, so that tests can reach several slabs).
+  int64_t max_rows = (int64_t{1} << 31) - 1;
+  if (const char* env = std::getenv("SELECTIVE_SCAN_DECODE_SLAB_ROWS")) {
+    const long long v = std::atoll(env);
+    if (v > 0 && v < max_rows) max_rows = v;
+  }
+  const int64_t slab = std::max<int64_t>(1, max_rows / p.dim);
   const int64_t in_size = p.input_type == ScalarKind::kFloat32 ? 4 : 2;
   constexpr int64_t kRowsPerBlock = kThreads / kTPR;
   for (int64_t b0 = 0; b0 < p.batch; b0 += slab) {
