@@ -177,7 +177,7 @@ bool aligned(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-// SELECTIVE_SCAN_DECODE_NARROW=1 gives each lane one chunk of 4 states (more lanes per row), for tuning.
+// Launches the kernel for kTPR lanes per row, kChunks chunks per lane, over batch slabs.
 template <int kTPR, int kChunks, typename TIn, typename TBC>
 void launch_rows(const StateUpdateParams& p, bool vec, cudaStream_t stream) {
   if (p.dim >= (int64_t{1} << 31)) throw std::runtime_error("state_update_cuda: dim must be below 2^31");
