@@ -9,15 +9,16 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import selective_scan  # noqa: E402
+from bench_scan import git_commit  # noqa: E402
 from selective_scan import selective_state_update, selective_state_update_ref  # noqa: E402
 
 SHAPES = [(1, 5120, 16), (64, 5120, 16), (256, 5120, 16), (256, 5120, 64)]
@@ -86,18 +87,6 @@ def time_cpu(fn, states, c, calls, reps):
             fn(states[i % len(states)], c)
         times.append((time.perf_counter() - t0) * 1e6 / calls)
     return statistics.median(times)
-
-
-def git_commit():
-    """SELECTIVE_SCAN_COMMIT when set (a copy of the tree without its history), else git's HEAD."""
-    if os.environ.get("SELECTIVE_SCAN_COMMIT"):
-        return os.environ["SELECTIVE_SCAN_COMMIT"]
-    try:
-        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def machine_info(device):
