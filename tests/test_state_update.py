@@ -82,13 +82,16 @@ def test_fp32_bc_with_low_precision_inputs(device, itype):
     check_against_ref(make_inputs(4, 16, 16, itype, device, groups=2, bc_fp32=True, seed=5))
 
 
-def strided_inputs(batch, dim, dstate, itype, device, seed=7):
+def strided_inputs(batch, dim, dstate, itype, device, seed=7, aligned=False):
     """Slices of larger tensors: state a batch slice of a cache (updated through the view), x/dt/z
-    with a non-unit dim stride, B/C with padded rows, A with a padded row stride. Returns the
-    inputs and the cache the state is a view of."""
+    with a non-unit dim stride, B/C with padded rows, A with a padded row stride. Unaligned
+    (scalar loads in the CUDA kernels) unless `aligned` (offsets and paddings of 4 elements, so
+    that the 16-byte vector paths run). Returns the inputs and the cache the state is a view of."""
     inp = make_inputs(batch, dim, dstate, itype, device, groups=2, seed=seed)
-    big_state = torch.randn(batch + 2, dim, dstate + 4, device=device)
-    state = big_state[1:1 + batch, :, 2:2 + dstate]  # unaligned and strided along batch and dim
+    pad = 4 if aligned else 1
+    big_state = torch.randn(batch + 2, dim, dstate + 8, device=device)
+    offset = 4 if aligned else 2
+    state = big_state[1:1 + batch, :, offset:offset + dstate]  # strided along batch and dim
     state.copy_(inp["state"])
     inp["state"] = state
     for k in ("x", "dt", "z"):
@@ -96,10 +99,10 @@ def strided_inputs(batch, dim, dstate, itype, device, seed=7):
         wide[:, ::2] = inp[k]
         inp[k] = wide[:, ::2]
     for k in ("B", "C"):
-        padded = torch.randn(batch, 2, dstate + 3, device=device, dtype=inp[k].dtype)
+        padded = torch.randn(batch, 2, dstate + (4 if aligned else 3), device=device, dtype=inp[k].dtype)
         padded[..., :dstate] = inp[k]
         inp[k] = padded[..., :dstate]
-    A_pad = torch.randn(dim, dstate + 1, device=device)
+    A_pad = torch.randn(dim, dstate + pad, device=device)
     A_pad[:, :dstate] = inp["A"]
     inp["A"] = A_pad[:, :dstate]
     return inp, big_state
@@ -118,16 +121,40 @@ def test_strided_inputs(device):
 @CUDA
 @pytest.mark.parametrize("itype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dstate", [16, 64])
-def test_cuda_batch_slabs(monkeypatch, itype, dstate):
-    """The CUDA kernel launches batch slabs of fewer than 2^31 rows (32-bit row indices);
+@pytest.mark.parametrize("aligned", [False, True])
+def test_cuda_batch_slabs(monkeypatch, itype, dstate, aligned):
+    """The CUDA kernels launch batch slabs of fewer than 2^31 rows (32-bit row indices);
     SELECTIVE_SCAN_DECODE_SLAB_ROWS lowers that bound so that a small problem spans several slabs
     (here 2 batches of 16 channels per slab, 4 slabs), each with its own pointer offsets, on the
-    strided inputs."""
+    strided inputs (aligned at dstate 16: the warp-rows kernel)."""
     monkeypatch.setenv("SELECTIVE_SCAN_DECODE_SLAB_ROWS", "40")
-    inp, big_state = strided_inputs(7, 16, dstate, itype, "cuda", seed=11)
+    inp, big_state = strided_inputs(7, 16, dstate, itype, "cuda", seed=11, aligned=aligned)
     untouched = big_state[0].clone()
     check_against_ref(inp)
     torch.testing.assert_close(big_state[0], untouched, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("dstate", [4, 8, 12, 16])
+@pytest.mark.parametrize("itype, groups", [(torch.float32, None), (torch.bfloat16, 3), (torch.float16, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "aligned-strided"])
+def test_cuda_warp_rows_and_lanes_per_row_kernels(monkeypatch, dstate, itype, groups, layout):
+    """Up to 16 aligned states the CUDA op runs the warp-rows kernel (32 rows a warp, per-row work
+    once per row); SELECTIVE_SCAN_DECODE_WARP_ROWS=0 selects the lanes-per-row kernel. Both match
+    the float64 step, on a row count that is not a multiple of 32 and warps whose rows cross batch
+    (and group) boundaries (dim 33 * 3 groups, 5 batches), and agree with each other."""
+    outs, states = [], []
+    for env in ("1", "0"):
+        monkeypatch.setenv("SELECTIVE_SCAN_DECODE_WARP_ROWS", env)
+        if layout == "contiguous":
+            inp = make_inputs(5, 99, dstate, itype, "cuda", groups=groups, seed=dstate)
+        else:
+            inp, _ = strided_inputs(5, 98, dstate, itype, "cuda", seed=dstate, aligned=True)
+        outs.append(check_against_ref(inp))
+        states.append(inp["state"].clone())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=TOL[itype][1])
+    torch.testing.assert_close(states[0], states[1], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

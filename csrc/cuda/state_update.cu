@@ -1,9 +1,11 @@
-// CUDA kernel of the decode-step op: one recurrent step of the selective SSM, the fp32 state read
-// once and written once (16-byte vector loads/stores where aligned). A row (batch, channel) is
-// handled by kTPR lanes of a warp, each owning kChunks chunks of 4 states, all loaded before any
-// is used; y is reduced over the row's lanes by shuffles. Row indices are 32-bit and split into
-// (batch, channel) by a precomputed multiply-shift. The decay and softplus are the scan's (scan_common.cuh), so that a prefill by the scan
-// and steps by this kernel follow the same arithmetic.
+// CUDA kernels of the decode-step op: one recurrent step of the selective SSM, the fp32 state read
+// once and written once (16-byte vector loads/stores where aligned). Up to 16 aligned states, a
+// warp takes 32 rows, each lane doing one row's per-row work (state_update_warp_rows_kernel);
+// otherwise a row (batch, channel) is handled by kTPR lanes of a warp, each owning kChunks chunks
+// of 4 states, all loaded before any is used; y is reduced over the row's lanes by shuffles. Row
+// indices are 32-bit and split into (batch, channel) by a precomputed multiply-shift. The decay is
+// the scan's (scan_common.cuh), so that a prefill by the scan and steps by these kernels follow the
+// same arithmetic.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -173,19 +175,99 @@ state_update_kernel(const StateUpdateParams p, const RowSplit split, const bool 
   }
 }
 
+// Up to 16 states with aligned 4-state chunks: a warp takes 32 consecutive rows. Lane l does the
+// per-row work of row l once (indices, x, dt with its bias and softplus, gating, the output store:
+// coalesced across lanes), where the kernel above repeats it on every lane of a row. The warp's
+// 32 x dstate states are then covered in kTPR passes of one 4-state chunk per lane (row
+// i 32/kTPR + l/kTPR, chunk l % kTPR at pass i), the row's b, d and dt fetched from its owner lane
+// by shuffles; y is reduced over the kTPR lanes of a row, then handed back to the owner lane.
+// All kTPR chunks of a lane are loaded before any is used (kTPR x 16 bytes in flight per lane).
+template <int kTPR, typename TIn, typename TBC>
+__global__ void __launch_bounds__(kThreads)
+state_update_warp_rows_kernel(const StateUpdateParams p, const RowSplit split) {
+  constexpr int kRowsPerPass = 32 / kTPR;
+  const uint32_t rows = static_cast<uint32_t>(p.batch * p.dim);
+  const int lane = threadIdx.x % 32;
+  const uint32_t warp_row0 = (blockIdx.x * (kThreads / 32) + threadIdx.x / 32) * 32;
+  const RowRef own = row_ref(p, split, warp_row0 + lane, rows);
+  const int n0 = 4 * (lane % kTPR);  // this lane's first state at every pass
+  const bool has_chunk = n0 < p.dstate;
+
+  uint32_t pb[kTPR], pd[kTPR];
+  float sv[kTPR][4];
+#pragma unroll
+  for (int i = 0; i < kTPR; ++i) {
+    const int src = i * kRowsPerPass + lane / kTPR;
+    pb[i] = __shfl_sync(0xffffffffu, own.b, src);
+    pd[i] = __shfl_sync(0xffffffffu, own.d, src);
+    float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (has_chunk) {
+      q = __ldcs(reinterpret_cast<const float4*>(p.state + pb[i] * p.state_batch_stride +
+                                                 pd[i] * p.state_dim_stride + n0));
+    }
+    sv[i][0] = q.x; sv[i][1] = q.y; sv[i][2] = q.z; sv[i][3] = q.w;
+  }
+  // The owner lane's per-row work.
+  const float x = load<TIn>(p.x, own.b * p.x_batch_stride + own.d * p.x_dim_stride);
+  float dt = load<TIn>(p.dt, own.b * p.dt_batch_stride + own.d * p.dt_dim_stride);
+  if (p.dt_bias) dt += __ldg(p.dt_bias + own.d);
+  if (p.dt_softplus) dt = softplus_exact(dt);
+  const float dtx = dt * x;
+
+  float y_own = 0.f;
+#pragma unroll
+  for (int i = 0; i < kTPR; ++i) {
+    const int src = i * kRowsPerPass + lane / kTPR;
+    const float dt_i = __shfl_sync(0xffffffffu, dt, src);
+    const float dtx_i = __shfl_sync(0xffffffffu, dtx, src);
+    float y = 0.f;
+    if (has_chunk) {
+      const uint32_t g = split.by_group_dim.div(pd[i]);
+      const float4 a = __ldg(reinterpret_cast<const float4*>(p.A + pd[i] * p.A_dim_stride + n0));
+      const float av[4] = {a.x, a.y, a.z, a.w};
+      float bv[4], cv[4];
+      load4<TBC>(static_cast<const TBC*>(p.B) + pb[i] * p.B_batch_stride + g * p.B_group_stride + n0, true, 4, bv);
+      load4<TBC>(static_cast<const TBC*>(p.C) + pb[i] * p.C_batch_stride + g * p.C_group_stride + n0, true, 4, cv);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        sv[i][j] = fmaf(decay_exp2(dt_i * av[j] * kLog2e), sv[i][j], bv[j] * dtx_i);
+        y = fmaf(cv[j], sv[i][j], y);
+      }
+      if (warp_row0 + src < rows) {
+        __stcs(reinterpret_cast<float4*>(p.state + pb[i] * p.state_batch_stride + pd[i] * p.state_dim_stride + n0),
+               make_float4(sv[i][0], sv[i][1], sv[i][2], sv[i][3]));
+      }
+    }
+#pragma unroll
+    for (int off = kTPR / 2; off > 0; off /= 2) y += __shfl_xor_sync(0xffffffffu, y, off);
+    // Row i kRowsPerPass + r's sum sits on lane r kTPR: the owner lane takes it at its pass.
+    const float y_row = __shfl_sync(0xffffffffu, y, (lane % kRowsPerPass) * kTPR);
+    if (lane / kRowsPerPass == i) y_own = y_row;
+  }
+  if (own.active) {
+    float y = y_own;
+    if (p.D) y = fmaf(__ldg(p.D + own.d), x, y);
+    if (p.z) {
+      const float z = load<TIn>(p.z, own.b * p.z_batch_stride + own.d * p.z_dim_stride);
+      y *= silu_exact(z);
+    }
+    static_cast<TIn*>(p.out)[own.row] = from_float<TIn>(y);
+  }
+}
+
 bool aligned(const void* ptr, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
 
-// Launches the kernel for kTPR lanes per row, kChunks chunks per lane, over batch slabs.
-template <int kTPR, int kChunks, typename TIn, typename TBC>
-void launch_rows(const StateUpdateParams& p, bool vec, cudaStream_t stream) {
+// Splits the rows into batch slabs of fewer than 2^31 rows, so that row indices are 32-bit in the
+// kernels (SELECTIVE_SCAN_DECODE_SLAB_ROWS lowers the bound, so that tests can reach several
+// slabs), and calls launch(slab params, row split, blocks) for each, rows_per_block rows a block.
+template <typename TBC, typename Launch>
+void for_each_slab(const StateUpdateParams& p, int64_t rows_per_block, Launch launch) {
   if (p.dim >= (int64_t{1} << 31)) throw std::runtime_error("state_update_cuda: dim must be below 2^31");
   RowSplit split;
   split.by_dim = FastDiv(static_cast<uint32_t>(p.dim));
   split.by_group_dim = FastDiv(static_cast<uint32_t>(p.dim / p.n_groups));
-  // Batch slabs of fewer than 2^31 rows, so that row indices are 32-bit in the kernel
-  // (SELECTIVE_SCAN_DECODE_SLAB_ROWS lowers the bound, so that tests can reach several slabs).
   int64_t max_rows = (int64_t{1} << 31) - 1;
   if (const char* env = std::getenv("SELECTIVE_SCAN_DECODE_SLAB_ROWS")) {
     const long long v = std::atoll(env);
@@ -193,7 +275,6 @@ void launch_rows(const StateUpdateParams& p, bool vec, cudaStream_t stream) {
   }
   const int64_t slab = std::max<int64_t>(1, max_rows / p.dim);
   const int64_t in_size = p.input_type == ScalarKind::kFloat32 ? 4 : 2;
-  constexpr int64_t kRowsPerBlock = kThreads / kTPR;
   for (int64_t b0 = 0; b0 < p.batch; b0 += slab) {
     StateUpdateParams q = p;
     q.batch = std::min(slab, p.batch - b0);
@@ -204,9 +285,29 @@ void launch_rows(const StateUpdateParams& p, bool vec, cudaStream_t stream) {
     q.B = static_cast<const TBC*>(p.B) + b0 * p.B_batch_stride;
     q.C = static_cast<const TBC*>(p.C) + b0 * p.C_batch_stride;
     q.out = static_cast<char*>(p.out) + b0 * p.dim * in_size;
-    const int64_t blocks = (q.batch * q.dim + kRowsPerBlock - 1) / kRowsPerBlock;
-    state_update_kernel<kTPR, kChunks, TIn, TBC><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(q, split, vec);
+    launch(q, split, static_cast<unsigned>((q.batch * q.dim + rows_per_block - 1) / rows_per_block));
   }
+}
+
+template <int kTPR, int kChunks, typename TIn, typename TBC>
+void launch_rows(const StateUpdateParams& p, bool vec, cudaStream_t stream) {
+  for_each_slab<TBC>(p, kThreads / kTPR, [&](const StateUpdateParams& q, const RowSplit& split, unsigned blocks) {
+    state_update_kernel<kTPR, kChunks, TIn, TBC><<<blocks, kThreads, 0, stream>>>(q, split, vec);
+  });
+}
+
+template <int kTPR, typename TIn, typename TBC>
+void launch_warp_rows(const StateUpdateParams& p, cudaStream_t stream) {
+  for_each_slab<TBC>(p, kThreads, [&](const StateUpdateParams& q, const RowSplit& split, unsigned blocks) {
+    state_update_warp_rows_kernel<kTPR, TIn, TBC><<<blocks, kThreads, 0, stream>>>(q, split);
+  });
+}
+
+// SELECTIVE_SCAN_DECODE_WARP_ROWS=0 selects the lanes-per-row kernel where the warp-rows kernel
+// would run (read per call, so that tests can compare both).
+bool warp_rows_enabled() {
+  const char* env = std::getenv("SELECTIVE_SCAN_DECODE_WARP_ROWS");
+  return !(env && env[0] == '0');
 }
 
 template <typename TIn, typename TBC>
@@ -217,10 +318,14 @@ void launch_typed(const StateUpdateParams& p, cudaStream_t stream) {
                    aligned(p.B, 4 * bc) && p.B_batch_stride % 4 == 0 && p.B_group_stride % 4 == 0 &&
                    aligned(p.C, 4 * bc) && p.C_batch_stride % 4 == 0 && p.C_group_stride % 4 == 0;
   const int64_t chunks = (p.dstate + 3) / 4;  // of 4 states
-  // Up to 16 states: one chunk per lane, the row's lanes reading one contiguous run (measured
-  // fastest at dstate 16). Above: four chunks per lane, so that the per-row work (indices,
-  // softplus, gating) is shared by fewer lanes (measured fastest at dstate 64).
-  if (chunks <= 1) launch_rows<1, 1, TIn, TBC>(p, vec, stream);
+  // Up to 16 states in aligned chunks: the warp-rows kernel. Otherwise up to 16 states one chunk
+  // per lane, the row's lanes reading one contiguous run; above, four chunks per lane, so that the
+  // per-row work (indices, softplus, gating) is shared by fewer lanes (measured fastest at dstate 64).
+  if (vec && chunks <= 4 && warp_rows_enabled()) {
+    if (chunks <= 1) launch_warp_rows<1, TIn, TBC>(p, stream);
+    else if (chunks <= 2) launch_warp_rows<2, TIn, TBC>(p, stream);
+    else launch_warp_rows<4, TIn, TBC>(p, stream);
+  } else if (chunks <= 1) launch_rows<1, 1, TIn, TBC>(p, vec, stream);
   else if (chunks <= 2) launch_rows<2, 1, TIn, TBC>(p, vec, stream);
   else if (chunks <= 4) launch_rows<4, 1, TIn, TBC>(p, vec, stream);
   else if (chunks <= 8) launch_rows<2, 4, TIn, TBC>(p, vec, stream);
