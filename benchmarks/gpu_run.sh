@@ -2,7 +2,7 @@
 # One call on the GPU machine: build the extension (sm_90, timed), then run the selected stages:
 #   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice;
 #            QUICK_SPT lists the choices, default "auto 4")
-#   tests  - the CUDA tests (pytest -m cuda)
+#   tests  - the CUDA tests (pytest -m cuda; CUDA_TESTS narrows them, e.g. tests/test_state_update.py)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
 #   sanitize - compute-sanitizer memcheck and racecheck on a small forward + backward
@@ -35,7 +35,7 @@ for stage in "${stages[@]}"; do
       done
       unset SELECTIVE_SCAN_SPT ;;
     tests)
-      python3 -m pytest tests -m cuda -q -x --durations=15 2>&1 | tee "$OUT/tests_cuda.log"; rc=$((rc | PIPESTATUS[0])) ;;
+      python3 -m pytest ${CUDA_TESTS:-tests} -m cuda -q -x --durations=15 2>&1 | tee "$OUT/tests_cuda.log"; rc=$((rc | PIPESTATUS[0])) ;;
     bench)
       python3 benchmarks/bench_scan.py --device cuda --out "$OUT/bench_h200.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     decode)
@@ -44,7 +44,7 @@ for stage in "${stages[@]}"; do
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/profile_shape.py 2 40 200 16 \
           > "$OUT/sanitize_$tool.log" 2>&1; code=$?
-        echo "compute-sanitizer $tool: exit $code, $(grep -h 'ERROR SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+        echo "compute-sanitizer $tool: exit $code, $(grep -h 'SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
         [ $code -eq 0 ] || rc=1
       done ;;
     *)
