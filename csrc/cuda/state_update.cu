@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "scan_common.cuh"
 #include "state_update_cuda.h"
@@ -175,13 +176,31 @@ state_update_kernel(const StateUpdateParams p, const RowSplit split, const bool 
   }
 }
 
+// Four consecutive elements of B or C as loaded (16-byte aligned for float, 8-byte for 16-bit
+// types), kept packed until used.
+template <typename T>
+struct Packed4 {
+  using type = std::conditional_t<sizeof(T) == 4, float4, uint2>;
+  type v;
+  __device__ __forceinline__ void load(const T* ptr) { v = __ldg(reinterpret_cast<const type*>(ptr)); }
+  __device__ __forceinline__ float operator[](int j) const {
+    if constexpr (sizeof(T) == 4) {
+      return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+    } else {
+      return to_float(reinterpret_cast<const T*>(&v)[j]);
+    }
+  }
+};
+
 // Up to 16 states with aligned 4-state chunks: a warp takes 32 consecutive rows. Lane l does the
 // per-row work of row l once (indices, x, dt with its bias and softplus, gating, the output store:
 // coalesced across lanes), where the kernel above repeats it on every lane of a row. The warp's
 // 32 x dstate states are then covered in kTPR passes of one 4-state chunk per lane (row
 // i 32/kTPR + l/kTPR, chunk l % kTPR at pass i), the row's b, d and dt fetched from its owner lane
 // by shuffles; y is reduced over the kTPR lanes of a row, then handed back to the owner lane.
-// All kTPR chunks of a lane are loaded before any is used (kTPR x 16 bytes in flight per lane).
+// Every load of the warp (state, A, B, C for all passes; x, dt, z, D, dt_bias) is issued before
+// any result is used, so that a warp waits for memory once: the kernel is bound by the state's
+// traffic, and a short chain after the loads keeps the end of the grid (its tail) short.
 template <int kTPR, typename TIn, typename TBC>
 __global__ void __launch_bounds__(kThreads)
 state_update_warp_rows_kernel(const StateUpdateParams p, const RowSplit split) {
@@ -193,26 +212,36 @@ state_update_warp_rows_kernel(const StateUpdateParams p, const RowSplit split) {
   const int n0 = 4 * (lane % kTPR);  // this lane's first state at every pass
   const bool has_chunk = n0 < p.dstate;
 
-  uint32_t pb[kTPR], pd[kTPR];
-  float sv[kTPR][4];
+  // The owner lane's per-row inputs.
+  const float x = load<TIn>(p.x, own.b * p.x_batch_stride + own.d * p.x_dim_stride);
+  float dt = load<TIn>(p.dt, own.b * p.dt_batch_stride + own.d * p.dt_dim_stride);
+  const float dt_bias = p.dt_bias ? __ldg(p.dt_bias + own.d) : 0.f;
+  const float D = p.D ? __ldg(p.D + own.d) : 0.f;
+  const float z = p.z ? load<TIn>(p.z, own.b * p.z_batch_stride + own.d * p.z_dim_stride) : 0.f;
+
+  // Each pass's row (from its owner lane) and this lane's chunk of its state, A, B and C.
+  float* srow[kTPR];
+  float4 sv[kTPR], av[kTPR];
+  Packed4<TBC> bv[kTPR], cv[kTPR];
 #pragma unroll
   for (int i = 0; i < kTPR; ++i) {
     const int src = i * kRowsPerPass + lane / kTPR;
-    pb[i] = __shfl_sync(0xffffffffu, own.b, src);
-    pd[i] = __shfl_sync(0xffffffffu, own.d, src);
-    float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+    const uint32_t b = __shfl_sync(0xffffffffu, own.b, src);
+    const uint32_t d = __shfl_sync(0xffffffffu, own.d, src);
+    const uint32_t g = split.by_group_dim.div(d);
+    srow[i] = p.state + b * p.state_batch_stride + d * p.state_dim_stride + n0;
     if (has_chunk) {
-      q = __ldcs(reinterpret_cast<const float4*>(p.state + pb[i] * p.state_batch_stride +
-                                                 pd[i] * p.state_dim_stride + n0));
+      sv[i] = __ldcs(reinterpret_cast<const float4*>(srow[i]));
+      av[i] = __ldg(reinterpret_cast<const float4*>(p.A + d * p.A_dim_stride + n0));
+      bv[i].load(static_cast<const TBC*>(p.B) + b * p.B_batch_stride + g * p.B_group_stride + n0);
+      cv[i].load(static_cast<const TBC*>(p.C) + b * p.C_batch_stride + g * p.C_group_stride + n0);
     }
-    sv[i][0] = q.x; sv[i][1] = q.y; sv[i][2] = q.z; sv[i][3] = q.w;
   }
-  // The owner lane's per-row work.
-  const float x = load<TIn>(p.x, own.b * p.x_batch_stride + own.d * p.x_dim_stride);
-  float dt = load<TIn>(p.dt, own.b * p.dt_batch_stride + own.d * p.dt_dim_stride);
-  if (p.dt_bias) dt += __ldg(p.dt_bias + own.d);
+
+  dt += dt_bias;
   if (p.dt_softplus) dt = softplus_exact(dt);
   const float dtx = dt * x;
+  const float gate = p.z ? silu_exact(z) : 1.f;
 
   float y_own = 0.f;
 #pragma unroll
@@ -222,21 +251,14 @@ state_update_warp_rows_kernel(const StateUpdateParams p, const RowSplit split) {
     const float dtx_i = __shfl_sync(0xffffffffu, dtx, src);
     float y = 0.f;
     if (has_chunk) {
-      const uint32_t g = split.by_group_dim.div(pd[i]);
-      const float4 a = __ldg(reinterpret_cast<const float4*>(p.A + pd[i] * p.A_dim_stride + n0));
-      const float av[4] = {a.x, a.y, a.z, a.w};
-      float bv[4], cv[4];
-      load4<TBC>(static_cast<const TBC*>(p.B) + pb[i] * p.B_batch_stride + g * p.B_group_stride + n0, true, 4, bv);
-      load4<TBC>(static_cast<const TBC*>(p.C) + pb[i] * p.C_batch_stride + g * p.C_group_stride + n0, true, 4, cv);
+      float s[4] = {sv[i].x, sv[i].y, sv[i].z, sv[i].w};
+      const float a[4] = {av[i].x, av[i].y, av[i].z, av[i].w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        sv[i][j] = fmaf(decay_exp2(dt_i * av[j] * kLog2e), sv[i][j], bv[j] * dtx_i);
-        y = fmaf(cv[j], sv[i][j], y);
+        s[j] = fmaf(decay_exp2(dt_i * a[j] * kLog2e), s[j], bv[i][j] * dtx_i);
+        y = fmaf(cv[i][j], s[j], y);
       }
-      if (warp_row0 + src < rows) {
-        __stcs(reinterpret_cast<float4*>(p.state + pb[i] * p.state_batch_stride + pd[i] * p.state_dim_stride + n0),
-               make_float4(sv[i][0], sv[i][1], sv[i][2], sv[i][3]));
-      }
+      if (warp_row0 + src < rows) __stcs(reinterpret_cast<float4*>(srow[i]), make_float4(s[0], s[1], s[2], s[3]));
     }
 #pragma unroll
     for (int off = kTPR / 2; off > 0; off /= 2) y += __shfl_xor_sync(0xffffffffu, y, off);
@@ -245,12 +267,7 @@ state_update_warp_rows_kernel(const StateUpdateParams p, const RowSplit split) {
     if (lane / kRowsPerPass == i) y_own = y_row;
   }
   if (own.active) {
-    float y = y_own;
-    if (p.D) y = fmaf(__ldg(p.D + own.d), x, y);
-    if (p.z) {
-      const float z = load<TIn>(p.z, own.b * p.z_batch_stride + own.d * p.z_dim_stride);
-      y *= silu_exact(z);
-    }
+    const float y = (p.D ? fmaf(D, x, y_own) : y_own) * gate;
     static_cast<TIn*>(p.out)[own.row] = from_float<TIn>(y);
   }
 }
