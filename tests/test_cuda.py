@@ -167,3 +167,37 @@ def test_cuda_matches_cpu_op():
     kw = make_inputs(device="cuda", batch=3, dim=48, seqlen=777, dstate=24, B_form="group",
                      C_form="const", B_groups=6, initial_state=True, seed=102)
     _check_against_cpu_op(kw)
+
+
+@pytest.mark.parametrize("pieces", ["1", "2", "3", "7", "auto"])
+@pytest.mark.parametrize("dtype,dstate", [(torch.float32, 16), (torch.bfloat16, 16), (torch.float32, 5),
+                                          (torch.float32, 200)], ids=["fp32", "bf16", "fp32-n5", "fp32-n200"])
+def test_sequence_split(monkeypatch, pieces, dtype, dstate):
+    """The forward's sequence split (state-only pass, combine, full pass; docs/design.md), forced to
+    1..7 pieces by SELECTIVE_SCAN_SEQ_SPLITS or chosen for these few rows (auto): out, last_state
+    and the gradients (the backward reads the checkpoints the split pass wrote) match float64,
+    with a partial last chunk, an initial state, groups of B and variable C."""
+    if pieces == "auto":
+        monkeypatch.delenv("SELECTIVE_SCAN_SEQ_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", pieces)
+    kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=12, seqlen=1000, dstate=dstate,
+                     B_form="group", C_form="var", B_groups=3, delta_softplus=True, delta_bias=True,
+                     initial_state=True, seed=103 + dstate)
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
+
+def test_sequence_split_matches_one_pass(monkeypatch):
+    """Split (7 pieces) and unsplit forwards agree to fp32 rounding, and the split is deterministic."""
+    kw = make_inputs(device="cuda", batch=1, dim=32, seqlen=3000, dstate=16, B_form="var", C_form="var",
+                     delta_softplus=True, delta_bias=True, initial_state=True, seed=104)
+    runs = {}
+    for pieces in ("1", "7", "7"):
+        monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", pieces)
+        runs.setdefault(pieces, []).append(run_op(kw, True))
+    (one_out, one_last), = runs["1"]
+    (a_out, a_last), (b_out, b_last) = runs["7"]
+    assert torch.equal(a_out, b_out) and torch.equal(a_last, b_last)
+    torch.testing.assert_close(a_out, one_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a_last, one_last, rtol=1e-4, atol=1e-4)

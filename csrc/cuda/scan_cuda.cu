@@ -1,5 +1,6 @@
 // Host entry points of the CUDA scan: choose the block shape for a problem, dispatch on the input
 // dtype to the per-dtype launchers, report the compiled archs.
+#include <algorithm>
 #include <cstdlib>
 #include <numeric>
 
@@ -41,9 +42,31 @@ int states_per_thread(const ScanParams& p) {
   return (n <= 32 && threads4 < 32768) ? 1 : 4;
 }
 
+// Rows whose threads (at four states per thread) fall below this count leave most of the GPU idle:
+// the forward splits their sequence. The pieces then give about kSplitThreads threads in all.
+constexpr int64_t kFewRowThreads = 16384;
+constexpr int64_t kSplitThreads = 163840;
+
+// The forward's sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS (read per call, for tests) forces the
+// count; otherwise few rows split. Pieces hold at least two chunks (the state-only pass uses two
+// checkpoint slots per piece) and there are at most 65535 (gridDim.y).
+int64_t forward_seq_splits(const ScanParams& p) {
+  const int64_t n_chunks = num_checkpoints(p.seqlen);
+  int64_t want = 1;
+  if (const char* env = std::getenv("SELECTIVE_SCAN_SEQ_SPLITS")) {
+    want = std::max<int64_t>(1, std::atoll(env));
+  } else {
+    const int64_t threads4 = p.batch * p.dim * next_pow2((static_cast<int>(p.dstate) + 3) / 4);
+    if (p.dstate <= 128 && threads4 < kFewRowThreads) want = (kSplitThreads + threads4 - 1) / threads4;
+  }
+  return std::max<int64_t>(1, std::min({want, n_chunks / 2, int64_t{65535}}));
+}
+
 BlockShape block_shape(const ScanParams& p, Direction dir) {
   BlockShape s;
+  const int64_t splits = dir == Direction::kForward ? forward_seq_splits(p) : 1;
   s.spt = states_per_thread(p);
+  if (splits > 1 && s.spt == 1) s.spt = 4;  // the pieces give the parallelism one state per thread would
   s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
   s.cpb = std::max(1, std::min(32, 128 / s.tpc));
   const int64_t gB = p.B.is_variable ? p.B.n_groups : 1;
@@ -60,6 +83,11 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
   }
   if (s.smem_bytes > limit) throw std::runtime_error("selective_scan: dstate needs more shared memory than the GPU has");
   s.blocks_per_seg = (s.seg_dim + s.cpb - 1) / s.cpb;
+  if (splits > 1) {
+    const int64_t n_chunks = num_checkpoints(p.seqlen);
+    s.chunks_per_split = (n_chunks + splits - 1) / splits;
+    s.seq_splits = (n_chunks + s.chunks_per_split - 1) / s.chunks_per_split;
+  }
   return s;
 }
 

@@ -1,6 +1,9 @@
-// The forward CUDA kernel. A block owns `cpb` channels of one batch row; `tpc` threads share a
+// The forward CUDA kernels. A block owns `cpb` channels of one batch row; `tpc` threads share a
 // channel, each keeping `kSPT` states in registers and running the recurrence sequentially through
-// the sequence, one staged chunk of kChunk steps at a time. docs/design.md has the details.
+// the sequence (or its piece blockIdx.y of a sequence split), one staged chunk of kChunk steps at a
+// time. With few rows the sequence is split: a state-only pass gives each piece's end state from
+// zero and its decay, scan_fwd_combine_kernel chains them into each piece's start state, then the
+// full pass runs all pieces at once. docs/design.md has the details.
 #pragma once
 
 #include "scan_common.cuh"
@@ -12,7 +15,11 @@ struct FwdFlags {
   bool u_aligned, delta_aligned, z_aligned, out_aligned;
 };
 
-template <typename input_t, int kSPT>
+// kStateOnly: the first pass of a sequence split. Piece y starts from zero and writes its end state
+// E_y into checkpoint slot k1 (its last chunk + 1) and its decay exp(A sum_t delta_t) into slot
+// k1 - 1 (pieces span at least two chunks, so no other piece uses these slots before the full
+// pass rewrites them); no outputs.
+template <typename input_t, int kSPT, bool kStateOnly>
 __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
@@ -33,7 +40,15 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   const int64_t d = rows.d0 + (c_valid ? c : 0);
   const int dstate = static_cast<int>(p.dstate);
 
-  // Per-thread constants: A * log2(e) (zero for padded states, so they stay zero), time-invariant B/C.
+  const int64_t n_chunks = num_checkpoints(p.seqlen);
+  float* ckpt = static_cast<float*>(p.checkpoints) + (rows.b * p.dim + d) * n_chunks * dstate;
+  // This block's chunks [k_begin, k_end): all of them, or piece blockIdx.y of a sequence split.
+  const int64_t k_begin = s.seq_splits > 1 ? blockIdx.y * s.chunks_per_split : 0;
+  const int64_t k_end = s.seq_splits > 1 ? min(n_chunks, k_begin + s.chunks_per_split) : n_chunks;
+
+  // Per-thread constants: A * log2(e) (zero for padded states, so they stay zero), time-invariant
+  // B/C. The start state: the initial state (or zero) for the first piece and for state-only
+  // pieces; for a later piece of the full pass, the combine kernel's result in its first slot.
   float A2[kSPT], h[kSPT];
   const float* A = static_cast<const float*>(p.A);
 #pragma unroll
@@ -41,10 +56,17 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     const int n = n0 + j;
     const bool nv = n < dstate;
     A2[j] = nv ? A[d * dstate + n] * kLog2e : 0.f;
-    h[j] = (nv && p.initial_state != nullptr)
-               ? static_cast<const float*>(p.initial_state)[(rows.b * p.dim + d) * dstate + n]
-               : 0.f;
+    if (kStateOnly || !nv) {
+      h[j] = 0.f;
+    } else if (k_begin > 0) {
+      h[j] = ckpt[k_begin * dstate + n];
+    } else {
+      h[j] = p.initial_state != nullptr
+                 ? static_cast<const float*>(p.initial_state)[(rows.b * p.dim + d) * dstate + n]
+                 : 0.f;
+    }
   }
+  float delta_sum = 0.f;  // state-only pass: sum of the piece's delta (after bias and softplus)
 
   int Bstep, Cstep;
   const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
@@ -55,8 +77,6 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   input_t* out_base = static_cast<input_t*>(p.out.ptr) + rows.b * p.out.batch_stride;
   const float* D = static_cast<const float*>(p.D);
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
-  const int64_t n_chunks = num_checkpoints(p.seqlen);
-  float* ckpt = static_cast<float*>(p.checkpoints) + (rows.b * p.dim + d) * n_chunks * dstate;
   const int vecs = s.cpb * (kChunk / kVec);  // segments of u, delta, z and out per chunk
   const int bc_vecs = npad * (kChunk / kVec);
   // Software pipelining: while a chunk is computed, the next chunk's u, delta, B and C and this
@@ -124,13 +144,12 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     if (tid >= bc_vecs) return;
     const int len = chunk_len(k);
     if (p.B.is_variable) rb = load_bc_seg<input_t>(p.B, rows.b, rows.gB, k * kChunk, len, dstate, npad, tid);
-    if (p.C.is_variable) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, k * kChunk, len, dstate, npad, tid);
-
+    if (!kStateOnly && p.C.is_variable) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, k * kChunk, len, dstate, npad, tid);
   };
 
-  if (pre_ud) load_ud(0, 0);
-  if (pre_bc) load_bc(0);
-  for (int64_t k = 0; k < n_chunks; ++k) {
+  if (pre_ud) load_ud(k_begin, 0);
+  if (pre_bc) load_bc(k_begin);
+  for (int64_t k = k_begin; k < k_end; ++k) {
     const int64_t t0 = k * kChunk;
     const int len = chunk_len(k);
 
@@ -145,24 +164,40 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     if (pre_bc) {
       if (tid < bc_vecs) {
         if (p.B.is_variable) store_bc_seg(rb, npad, tid, s_B);
-        if (p.C.is_variable) store_bc_seg(rc, npad, tid, s_C);
+        if (!kStateOnly && p.C.is_variable) store_bc_seg(rc, npad, tid, s_C);
       }
     } else {
       if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
-      if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+      if (!kStateOnly && p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
     }
 
     // The state before this chunk, for the backward.
-    if (c_valid) {
+    if (!kStateOnly && c_valid) {
 #pragma unroll
       for (int j = 0; j < kSPT; ++j)
         if (n0 + j < dstate) ckpt[k * dstate + n0 + j] = h[j];
     }
     __syncthreads();
 
-    if (k + 1 < n_chunks) {
+    if (k + 1 < k_end) {
       if (pre_ud) load_ud(k + 1, 0);
       if (pre_bc) load_bc(k + 1);
+    }
+    if (kStateOnly) {
+      // The piece's end state from zero and its summed delta; no outputs.
+      const float* __restrict__ my_d = s_d + c * kRow;
+      const float* __restrict__ my_du = s_du + c * kRow;
+      for (int t = 0; t < kChunk; ++t) {
+        const float dt = my_d[t];
+        const float dut = my_du[t];
+        float Bt[kSPT];
+        load_smem<kSPT>(Bsrc + t * Bstep, Bt);
+#pragma unroll
+        for (int j = 0; j < kSPT; ++j) h[j] = fmaf(decay_exp2(dt * A2[j]), h[j], dut * Bt[j]);
+        delta_sum += dt;
+      }
+      __syncthreads();
+      continue;
     }
     if (z_base && pre_ud) {
 #pragma unroll
@@ -231,11 +266,39 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     __syncthreads();
   }
 
-  if (c_valid) {
+  if (kStateOnly) {
+    if (c_valid) {
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) {
+        if (n0 + j < dstate) {
+          ckpt[k_end * dstate + n0 + j] = h[j];
+          ckpt[(k_end - 1) * dstate + n0 + j] = exp2f(A2[j] * delta_sum);
+        }
+      }
+    }
+  } else if (c_valid && k_end == n_chunks) {
     float* last = static_cast<float*>(p.last_state) + (rows.b * p.dim + d) * dstate;
 #pragma unroll
     for (int j = 0; j < kSPT; ++j)
       if (n0 + j < dstate) last[n0 + j] = h[j];
+  }
+}
+
+// Between the two passes of a sequence split: for each (b, d, n), in order of the pieces,
+// H_{y+1} = P_y H_y + E_y with H_0 the initial state (or zero), P_y and E_y as the state-only pass
+// left them; H_{y+1} overwrites E_y (slot k1 of piece y = the first slot of piece y + 1), where
+// the full pass reads it.
+__global__ void scan_fwd_combine_kernel(const ScanParams p, const BlockShape s) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b, d, n)
+  if (i >= p.batch * p.dim * p.dstate) return;
+  const int64_t row = i / p.dstate, n = i % p.dstate;
+  const int64_t n_chunks = num_checkpoints(p.seqlen);
+  float* ckpt = static_cast<float*>(p.checkpoints) + row * n_chunks * p.dstate + n;
+  float H = p.initial_state ? static_cast<const float*>(p.initial_state)[i] : 0.f;
+  for (int64_t y = 0; y + 1 < s.seq_splits; ++y) {
+    const int64_t k1 = (y + 1) * s.chunks_per_split;
+    H = fmaf(ckpt[(k1 - 1) * p.dstate], H, ckpt[k1 * p.dstate]);
+    ckpt[k1 * p.dstate] = H;
   }
 }
 
@@ -253,10 +316,20 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
   const FwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
                    p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, esize)};
   const int smem = fwd_smem_floats(s) * static_cast<int>(sizeof(float));
-  const dim3 grid(static_cast<unsigned>(grid_blocks(p, s)));
+  const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   dispatch_spt(s.spt, [&](auto spt) {
-    launch_checked(scan_fwd_kernel<input_t, decltype(spt)::value>, grid, s.threads, smem, stream,
-                   "scan_fwd_kernel launch", p, s, f);
+    constexpr int kSPT = decltype(spt)::value;
+    if constexpr (kSPT == 1) {
+      if (s.seq_splits > 1) throw std::runtime_error("selective_scan: a sequence split needs 4 or 8 states per thread");
+    } else if (s.seq_splits > 1) {
+      launch_checked(scan_fwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
+                     s.threads, smem, stream, "scan_fwd_kernel (state-only) launch", p, s, f);
+      const int64_t states = p.batch * p.dim * p.dstate;
+      launch_checked(scan_fwd_combine_kernel, dim3(static_cast<unsigned>((states + 255) / 256)), 256, 0, stream,
+                     "scan_fwd_combine_kernel launch", p, s);
+    }
+    launch_checked(scan_fwd_kernel<input_t, kSPT, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
+                   s.threads, smem, stream, "scan_fwd_kernel launch", p, s, f);
   });
 }
 
