@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
 // H_{y+1} = P_y H_y + E_y with H_0 the initial state (or zero), P_y and E_y as the state-only pass
 // left them; H_{y+1} overwrites E_y (slot k1 of piece y = the first slot of piece y + 1), where
 // the full pass reads it.
-__global__ void scan_fwd_combine_kernel(const ScanParams p, const BlockShape s) {
+static __global__ void scan_fwd_combine_kernel(const ScanParams p, const BlockShape s) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b, d, n)
   if (i >= p.batch * p.dim * p.dstate) return;
   const int64_t row = i / p.dstate, n = i % p.dstate;
