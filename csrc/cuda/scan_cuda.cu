@@ -42,10 +42,12 @@ int states_per_thread(const ScanParams& p) {
   return (n <= 32 && threads4 < 32768) ? 1 : 4;
 }
 
-// Rows whose threads (at four states per thread) fall below this count leave most of the GPU idle:
-// the forward splits their sequence. The pieces then give about kSplitThreads threads in all.
+// Rows of at most this many threads (at four states per thread) leave most of the GPU idle: the
+// forward splits their sequence, into pieces giving about kSplitThreads threads in all. Measured on
+// the H200 (bf16, dstate 16; docs/design.md): a split is 1.4-2.3x faster at 6144-16384 threads,
+// slower from 49152 (the state-only pass costs more than the parallelism gains).
 constexpr int64_t kFewRowThreads = 16384;
-constexpr int64_t kSplitThreads = 163840;
+constexpr int64_t kSplitThreads = 131072;
 
 // The forward's sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS (read per call, for tests) forces the
 // count; otherwise few rows split. Pieces hold at least two chunks (the state-only pass uses two
@@ -57,7 +59,7 @@ int64_t forward_seq_splits(const ScanParams& p) {
     want = std::max<int64_t>(1, std::atoll(env));
   } else {
     const int64_t threads4 = p.batch * p.dim * next_pow2((static_cast<int>(p.dstate) + 3) / 4);
-    if (p.dstate <= 128 && threads4 < kFewRowThreads) want = (kSplitThreads + threads4 - 1) / threads4;
+    if (p.dstate <= 128 && threads4 <= kFewRowThreads) want = (kSplitThreads + threads4 - 1) / threads4;
   }
   return std::max<int64_t>(1, std::min({want, n_chunks / 2, int64_t{65535}}));
 }
