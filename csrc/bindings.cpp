@@ -300,18 +300,23 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
 #ifdef SELECTIVE_SCAN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(u.device());
     // Partial sums in fixed slots, reduced here in a fixed order: the backward is deterministic.
+    // A sequence split into `pieces` gives the per-row partials one batch block of rows per piece.
     auto f32 = u.options().dtype(at::kFloat);
+    const int64_t pieces = scan_bwd_cuda_seq_splits(b.fwd);
+    const int64_t partial_rows = pieces * p.batch;
     auto bc_partial = [&](const BCParams& bc) {
       return bc.is_variable
                  ? at::empty({scan_bwd_cuda_partial_slots(b.fwd, bc), p.batch, bc.n_groups, p.dstate, p.seqlen}, f32)
-                            : at::empty({p.batch, p.dim, p.dstate}, f32);
+                 : at::empty({partial_rows, p.dim, p.dstate}, f32);
     };
     Tensor pB = bc_partial(b.fwd.B), pC = bc_partial(b.fwd.C);
-    Tensor pA = at::empty({p.batch, p.dim, p.dstate}, f32);
-    Tensor pD = at::empty({p.batch, p.dim}, f32);
-    Tensor pbias = at::empty({p.batch, p.dim}, f32);
+    Tensor pA = at::empty({partial_rows, p.dim, p.dstate}, f32);
+    Tensor pD = at::empty({partial_rows, p.dim}, f32);
+    Tensor pbias = at::empty({partial_rows, p.dim}, f32);
+    Tensor piece_adjoints = pieces > 1 ? at::empty({2, pieces, p.batch, p.dim, p.dstate}, f32) : at::empty({0}, f32);
     ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
-                          pD.data_ptr<float>(), pbias.data_ptr<float>()};
+                          pD.data_ptr<float>(), pbias.data_ptr<float>(),
+                          pieces > 1 ? piece_adjoints.data_ptr<float>() : nullptr};
     scan_bwd_cuda(b, parts, at::cuda::getCurrentCUDAStream().stream());
     const int64_t slots = 0;  // the slot dimension of every partial buffer
     at::sum_out(dA, pA, slots);

@@ -3,7 +3,10 @@
 // kSub-step boundary in shared memory), then per sub-chunk recomputes kSub states and decays into
 // registers and runs the adjoint recurrence backwards. Channel sums (dB, dC of variable B/C) are
 // reduced in shared memory in a fixed order and written as per-block partials: no atomics, so the
-// result is bitwise deterministic. docs/design.md has the math.
+// result is bitwise deterministic. With few rows the sequence is split into pieces: an
+// adjoint-only pass gives each later piece's adjoint contribution from zero and its decay,
+// scan_bwd_combine_kernel chains them from the right into each piece's incoming adjoint, then the
+// full pass runs all pieces at once. docs/design.md has the math.
 #pragma once
 
 #include "../cuda/scan_cuda.h"
@@ -25,7 +28,10 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
   return (seg % segs_per_group) * s.blocks_per_seg + r.cb;
 }
 
-template <typename input_t, int kSPT>
+// kAdjointOnly: the first pass of a sequence split, over pieces 1.. (blockIdx.y + 1): from a zero
+// adjoint at the piece's end, the adjoint carried out of its first step (F) and the piece's decay
+// exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
+template <typename input_t, int kSPT, bool kAdjointOnly>
 __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
                                 const ScanBwdPartials parts) {
   const ScanParams& p = bp.fwd;
@@ -60,6 +66,14 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
   const int64_t d = rows.d0 + (c_valid ? c : 0);
   const int dstate = static_cast<int>(p.dstate);
   const int64_t row = rows.b * p.dim + d;
+  const int64_t n_chunks = num_checkpoints(p.seqlen);
+  // This block's chunks [k_begin, k_end): all of them, or its piece of a sequence split. A piece's
+  // per-row partials go to its own batch block of rows (prow).
+  const int64_t piece = kAdjointOnly ? blockIdx.y + 1 : blockIdx.y;
+  const int64_t k_begin = s.seq_splits > 1 ? piece * s.chunks_per_split : 0;
+  const int64_t k_end = s.seq_splits > 1 ? min(n_chunks, k_begin + s.chunks_per_split) : n_chunks;
+  const int64_t piece_states = p.batch * p.dim * dstate;  // one piece's slice of piece_adjoints
+  const int64_t prow = piece * p.batch * p.dim + row;
 
   float A2[kSPT], Af[kSPT];
   float G[kSPT];  // exp(d_{t+1} A) g_{t+1}: the adjoint carried into step t
@@ -71,7 +85,15 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
     const bool nv = n < dstate;
     Af[j] = nv ? A[d * dstate + n] : 0.f;
     A2[j] = Af[j] * kLog2e;
-    G[j] = (nv && bp.dlast_state != nullptr) ? static_cast<const float*>(bp.dlast_state)[row * dstate + n] : 0.f;
+    // The adjoint entering the piece's last step: dlast_state for the last piece (or no split),
+    // the combine kernel's result for an earlier one, zero in the adjoint-only pass.
+    if (kAdjointOnly || !nv) {
+      G[j] = 0.f;
+    } else if (k_end < n_chunks) {
+      G[j] = parts.piece_adjoints[(piece + 1) * piece_states + row * dstate + n];
+    } else {
+      G[j] = bp.dlast_state != nullptr ? static_cast<const float*>(bp.dlast_state)[row * dstate + n] : 0.f;
+    }
     dA_acc[j] = dB_acc[j] = dC_acc[j] = 0.f;
   }
   int Bstep, Cstep;
@@ -89,13 +111,13 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
   input_t* dz_base = bp.dz.ptr ? static_cast<input_t*>(bp.dz.ptr) + rows.b * bp.dz.batch_stride : nullptr;
   const float* D = static_cast<const float*>(p.D);
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
-  const int64_t n_chunks = num_checkpoints(p.seqlen);
   const float* ckpt = static_cast<const float*>(bp.checkpoints) + row * n_chunks * dstate;
   const int vecs = s.cpb * (kChunk / kVec);
   const int64_t slotB = p.B.is_variable ? partial_slot(p, s, p.B, rows) : 0;
   const int64_t slotC = p.C.is_variable ? partial_slot(p, s, p.C, rows) : 0;
 
-  for (int64_t k = n_chunks - 1; k >= 0; --k) {
+  float delta_sum = 0.f;  // adjoint-only pass: sum of the piece's delta (after bias and softplus)
+  for (int64_t k = k_end - 1; k >= k_begin; --k) {
     const int64_t t0 = k * kChunk;
     const int len = static_cast<int>(p.seqlen - t0 < kChunk ? p.seqlen - t0 : kChunk);
 
@@ -135,13 +157,28 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
         s_dy[e] = dy[i];
       }
     }
-    if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
+    if (!kAdjointOnly && p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
     if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
     __syncthreads();
 
     const float* __restrict__ my_d = s_d + c * kRow;
     const float* __restrict__ my_du = s_du + c * kRow;
     const float* __restrict__ my_dy = s_dy + c * kRow;
+
+    if constexpr (kAdjointOnly) {
+      // g_t = C_t dy_t + a_{t+1} g_{t+1}, carried as G = a_t g_t; padded steps (d = 0, dy = 0)
+      // leave it unchanged.
+      for (int t = kChunk - 1; t >= 0; --t) {
+        const float dt = my_d[t], dyt = my_dy[t];
+        float Ct[kSPT];
+        load_smem<kSPT>(Csrc + t * Cstep, Ct);
+#pragma unroll
+        for (int j = 0; j < kSPT; ++j) G[j] = decay_exp2(dt * A2[j]) * fmaf(dyt, Ct[j], G[j]);
+        delta_sum += dt;
+      }
+      __syncthreads();
+      continue;
+    }
 
     // Forward recompute from the checkpoint: the state at each sub-chunk start, and (for dz) the
     // per-thread partial outputs.
@@ -408,16 +445,28 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
     __syncthreads();
   }
 
+  if constexpr (kAdjointOnly) {
+    if (c_valid) {
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) {
+        const int n = n0 + j;
+        if (n >= dstate) continue;
+        parts.piece_adjoints[piece * piece_states + row * dstate + n] = G[j];
+        parts.piece_adjoints[(s.seq_splits + piece) * piece_states + row * dstate + n] = exp2f(A2[j] * delta_sum);
+      }
+    }
+    return;
+  }
   // Per-row results: the initial-state gradient is the adjoint carried past step 0.
   if (c_valid) {
 #pragma unroll
     for (int j = 0; j < kSPT; ++j) {
       const int n = n0 + j;
       if (n >= dstate) continue;
-      static_cast<float*>(bp.dinitial_state)[row * dstate + n] = G[j];
-      parts.dA[row * dstate + n] = dA_acc[j];
-      if (!p.B.is_variable) parts.dB[row * dstate + n] = dB_acc[j];
-      if (!p.C.is_variable) parts.dC[row * dstate + n] = dC_acc[j];
+      if (k_begin == 0) static_cast<float*>(bp.dinitial_state)[row * dstate + n] = G[j];
+      parts.dA[prow * dstate + n] = dA_acc[j];
+      if (!p.B.is_variable) parts.dB[prow * dstate + n] = dB_acc[j];
+      if (!p.C.is_variable) parts.dC[prow * dstate + n] = dC_acc[j];
     }
   }
   // dD and d(delta_bias): sum the channel's threads (consecutive lanes) in a fixed order.
@@ -426,8 +475,23 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
     dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, off);
   }
   if (c_valid && q == 0) {
-    parts.dD[row] = dD_acc;
-    parts.ddelta_bias[row] = dbias_acc;
+    parts.dD[prow] = dD_acc;
+    parts.ddelta_bias[prow] = dbias_acc;
+  }
+}
+
+// Between the two passes of a sequence split: for each (b, d, n), from the last piece to the
+// second, H = P_y H + F_y with H starting at dlast_state (or zero); H then is the adjoint entering
+// piece y - 1's last step, and overwrites F_y, where that piece reads it.
+static __global__ void scan_bwd_combine_kernel(const ScanBwdParams bp, const BlockShape s, float* piece_adjoints) {
+  const ScanParams& p = bp.fwd;
+  const int64_t states = p.batch * p.dim * p.dstate;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b, d, n)
+  if (i >= states) return;
+  float H = bp.dlast_state ? static_cast<const float*>(bp.dlast_state)[i] : 0.f;
+  for (int64_t y = s.seq_splits - 1; y >= 1; --y) {
+    H = fmaf(piece_adjoints[(s.seq_splits + y) * states + i], H, piece_adjoints[y * states + i]);
+    piece_adjoints[y * states + i] = H;
   }
 }
 
@@ -449,10 +513,21 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
                    rows_aligned(bp.du, esize) && rows_aligned(bp.ddelta, esize) &&
                        (bp.dz.ptr == nullptr || rows_aligned(bp.dz, esize))};
   const int smem = bwd_smem_layout(s).total * static_cast<int>(sizeof(float));
-  const dim3 grid(static_cast<unsigned>(grid_blocks(p, s)));
+  const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   dispatch_spt(s.spt, [&](auto spt) {
-    launch_checked(scan_bwd_kernel<input_t, decltype(spt)::value>, grid, s.threads, smem, stream,
-                   "scan_bwd_kernel launch", bp, s, f, parts);
+    constexpr int kSPT = decltype(spt)::value;
+    if constexpr (kSPT == 1) {
+      if (s.seq_splits > 1) throw std::runtime_error("selective_scan: a sequence split needs 4 or 8 states per thread");
+    } else if (s.seq_splits > 1) {
+      if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
+      launch_checked(scan_bwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
+                     s.threads, smem, stream, "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
+      const int64_t states = p.batch * p.dim * p.dstate;
+      launch_checked(scan_bwd_combine_kernel, dim3(static_cast<unsigned>((states + 255) / 256)), 256, 0, stream,
+                     "scan_bwd_combine_kernel launch", bp, s, parts.piece_adjoints);
+    }
+    launch_checked(scan_bwd_kernel<input_t, kSPT, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
+                   s.threads, smem, stream, "scan_bwd_kernel launch", bp, s, f, parts);
   });
 }
 

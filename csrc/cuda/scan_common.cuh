@@ -117,8 +117,8 @@ struct BlockShape {
   int64_t seg_dim = 1;      // channels per segment
   int64_t blocks_per_seg = 1;
   int smem_bytes = 0;
-  // Sequence split (forward, few rows): the chunks are cut into `seq_splits` pieces of
-  // `chunks_per_split` chunks, one per blockIdx.y (docs/design.md, "Sequence split").
+  // Sequence split (few rows): the chunks are cut into `seq_splits` pieces of `chunks_per_split`
+  // chunks, one per blockIdx.y (docs/design.md, "Sequence split").
   int64_t seq_splits = 1;
   int64_t chunks_per_split = 0;
 };

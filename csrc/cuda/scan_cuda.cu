@@ -43,16 +43,16 @@ int states_per_thread(const ScanParams& p) {
 }
 
 // Rows of at most this many threads (at four states per thread) leave most of the GPU idle: the
-// forward splits their sequence, into pieces giving about kSplitThreads threads in all. Measured on
+// forward and the backward split their sequence, into pieces giving about kSplitThreads threads. Measured on
 // the H200 (bf16, dstate 16; docs/design.md): a split is 1.4-2.3x faster at 6144-16384 threads,
 // slower from 49152 (the state-only pass costs more than the parallelism gains).
 constexpr int64_t kFewRowThreads = 16384;
 constexpr int64_t kSplitThreads = 131072;
 
-// The forward's sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS (read per call, for tests) forces the
-// count; otherwise few rows split. Pieces hold at least two chunks (the state-only pass uses two
+// The sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS (read per call, for tests) forces the count;
+// otherwise few rows split. Pieces hold at least two chunks (the forward's state-only pass uses two
 // checkpoint slots per piece) and there are at most 65535 (gridDim.y).
-int64_t forward_seq_splits(const ScanParams& p) {
+int64_t seq_splits(const ScanParams& p) {
   const int64_t n_chunks = num_checkpoints(p.seqlen);
   int64_t want = 1;
   if (const char* env = std::getenv("SELECTIVE_SCAN_SEQ_SPLITS")) {
@@ -66,7 +66,7 @@ int64_t forward_seq_splits(const ScanParams& p) {
 
 BlockShape block_shape(const ScanParams& p, Direction dir) {
   BlockShape s;
-  const int64_t splits = dir == Direction::kForward ? forward_seq_splits(p) : 1;
+  const int64_t splits = seq_splits(p);
   s.spt = states_per_thread(p);
   if (splits > 1 && s.spt == 1) s.spt = 4;  // the pieces give the parallelism one state per thread would
   s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
@@ -97,6 +97,10 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
 }  // namespace cuda_detail
 
 using namespace cuda_detail;
+
+int64_t scan_bwd_cuda_seq_splits(const ScanParams& params) {
+  return block_shape(params, Direction::kBackward).seq_splits;
+}
 
 int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc) {
   const BlockShape s = block_shape(params, Direction::kBackward);

@@ -12,6 +12,9 @@ namespace selective_scan {
 // (or C): the leading size of that partial buffer.
 int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc);
 
+// Into how many pieces the backward splits the sequence (1: no split); see ScanBwdPartials.
+int64_t scan_bwd_cuda_seq_splits(const ScanParams& params);
+
 // Partial sums the backward writes; the binding reduces them (in a fixed order) into the gradients.
 struct ScanBwdPartials {
   float* dB = nullptr;  // variable B: (partial_slots, batch, n_groups, dstate, seqlen);
@@ -20,6 +23,10 @@ struct ScanBwdPartials {
   float* dA = nullptr;  // (batch, dim, dstate)
   float* dD = nullptr;  // (batch, dim)
   float* ddelta_bias = nullptr;  // (batch, dim)
+  // With a sequence split into P pieces (scan_bwd_cuda_seq_splits), the per-row partials above
+  // (dA, dD, ddelta_bias, time-invariant dB/dC) have P * batch leading rows, one batch block per
+  // piece, and this is scratch for the pieces' adjoints: (2, P, batch, dim, dstate).
+  float* piece_adjoints = nullptr;
 };
 
 // Both launch on `stream` and check the launch; they throw std::runtime_error on a CUDA error.
