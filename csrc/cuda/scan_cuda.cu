@@ -42,11 +42,12 @@ int states_per_thread(const ScanParams& p) {
   return (n <= 32 && threads4 < 32768) ? 1 : 4;
 }
 
-// Rows of at most this many threads (at four states per thread) leave most of the GPU idle: the
-// forward and the backward split their sequence, into pieces giving about kSplitThreads threads. Measured on
-// the H200 (bf16, dstate 16; docs/design.md): a split is 1.4-2.3x faster at 6144-16384 threads,
-// slower from 49152 (the state-only pass costs more than the parallelism gains).
-constexpr int64_t kFewRowThreads = 16384;
+// At most this many rows (batch * dim) leave most of the GPU idle: the forward and the backward
+// split their sequence, into pieces giving about kSplitThreads threads (at four states per thread).
+// Measured on the H200 (bf16; docs/design.md): at dstate 16 a split is 1.4-2.4x faster with
+// 1536-4096 rows and slower from 12288 (the extra pass costs more than the parallelism gains); at
+// dstate 4, 12288 rows, it is 2x slower.
+constexpr int64_t kFewRows = 4096;
 constexpr int64_t kSplitThreads = 131072;
 
 // The sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS (read per call, for tests) forces the count;
@@ -57,9 +58,9 @@ int64_t seq_splits(const ScanParams& p) {
   int64_t want = 1;
   if (const char* env = std::getenv("SELECTIVE_SCAN_SEQ_SPLITS")) {
     want = std::max<int64_t>(1, std::atoll(env));
-  } else {
+  } else if (p.dstate <= 128 && p.batch * p.dim <= kFewRows) {
     const int64_t threads4 = p.batch * p.dim * next_pow2((static_cast<int>(p.dstate) + 3) / 4);
-    if (p.dstate <= 128 && threads4 <= kFewRowThreads) want = (kSplitThreads + threads4 - 1) / threads4;
+    want = (kSplitThreads + threads4 - 1) / threads4;
   }
   return std::max<int64_t>(1, std::min({want, n_chunks / 2, int64_t{65535}}));
 }
