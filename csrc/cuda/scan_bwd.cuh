@@ -165,7 +165,8 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
     const float* __restrict__ my_du = s_du + c * kRow;
     const float* __restrict__ my_dy = s_dy + c * kRow;
 
-    if constexpr (kAdjointOnly) {
+    if (kAdjointOnly && k >= k_begin) {  // (always true in the loop; spelled so that the full pass's
+                                          // code below does not read as unreachable to the front end)
       // g_t = C_t dy_t + a_{t+1} g_{t+1}, carried as G = a_t g_t; padded steps (d = 0, dy = 0)
       // leave it unchanged.
       for (int t = kChunk - 1; t >= 0; --t) {
