@@ -517,15 +517,14 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   dispatch_spt(s.spt, [&](auto spt) {
     constexpr int kSPT = decltype(spt)::value;
-    if constexpr (kSPT == 1) {
-      if (s.seq_splits > 1) throw std::runtime_error("selective_scan: a sequence split needs 4 or 8 states per thread");
-    } else if (s.seq_splits > 1) {
-      if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
-      launch_checked(scan_bwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
-                     s.threads, smem, stream, "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
-      const int64_t states = p.batch * p.dim * p.dstate;
-      launch_checked(scan_bwd_combine_kernel, dim3(static_cast<unsigned>((states + 255) / 256)), 256, 0, stream,
-                     "scan_bwd_combine_kernel launch", bp, s, parts.piece_adjoints);
+    if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
+      if (s.seq_splits > 1) {
+        if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
+        launch_checked(scan_bwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
+                       s.threads, smem, stream, "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
+        launch_checked(scan_bwd_combine_kernel, per_state_grid(p), 256, 0, stream, "scan_bwd_combine_kernel launch",
+                       bp, s, parts.piece_adjoints);
+      }
     }
     launch_checked(scan_bwd_kernel<input_t, kSPT, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
                    s.threads, smem, stream, "scan_bwd_kernel launch", bp, s, f, parts);

@@ -28,6 +28,11 @@ int max_smem_per_block() {
 
 enum class Direction { kForward, kBackward };
 
+// Threads the problem's rows give at four states per thread.
+int64_t threads_at_four_states(const ScanParams& p) {
+  return p.batch * p.dim * next_pow2((static_cast<int>(p.dstate) + 3) / 4);
+}
+
 // States per thread: SELECTIVE_SCAN_SPT (1, 4 or 8) overrides the choice, for tuning.
 int states_per_thread(const ScanParams& p) {
   const int n = static_cast<int>(p.dstate);
@@ -38,8 +43,7 @@ int states_per_thread(const ScanParams& p) {
   }();
   if (forced == 4 || (forced == 1 && n <= 32)) return forced;
   // One state per thread multiplies the threads by up to 4: worth it when rows are few.
-  const int64_t threads4 = p.batch * p.dim * next_pow2((n + 3) / 4);
-  return (n <= 32 && threads4 < 32768) ? 1 : 4;
+  return (n <= 32 && threads_at_four_states(p) < 32768) ? 1 : 4;
 }
 
 // At most this many rows (batch * dim) leave most of the GPU idle: the forward and the backward
@@ -59,7 +63,7 @@ int64_t seq_splits(const ScanParams& p) {
   if (const char* env = std::getenv("SELECTIVE_SCAN_SEQ_SPLITS")) {
     want = std::max<int64_t>(1, std::atoll(env));
   } else if (p.dstate <= 128 && p.batch * p.dim <= kFewRows) {
-    const int64_t threads4 = p.batch * p.dim * next_pow2((static_cast<int>(p.dstate) + 3) / 4);
+    const int64_t threads4 = threads_at_four_states(p);
     want = (kSplitThreads + threads4 - 1) / threads4;
   }
   return std::max<int64_t>(1, std::min({want, n_chunks / 2, int64_t{65535}}));
@@ -69,7 +73,9 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
   BlockShape s;
   const int64_t splits = seq_splits(p);
   s.spt = states_per_thread(p);
-  if (splits > 1 && s.spt == 1) s.spt = 4;  // the pieces give the parallelism one state per thread would
+  // The pieces give the parallelism one state per thread would; the split passes are compiled for
+  // 4 and 8 states per thread only (launch_scan_fwd / launch_scan_bwd rely on this).
+  if (splits > 1 && s.spt == 1) s.spt = 4;
   s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
   s.cpb = std::max(1, std::min(32, 128 / s.tpc));
   const int64_t gB = p.B.is_variable ? p.B.n_groups : 1;

@@ -319,14 +319,13 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   dispatch_spt(s.spt, [&](auto spt) {
     constexpr int kSPT = decltype(spt)::value;
-    if constexpr (kSPT == 1) {
-      if (s.seq_splits > 1) throw std::runtime_error("selective_scan: a sequence split needs 4 or 8 states per thread");
-    } else if (s.seq_splits > 1) {
-      launch_checked(scan_fwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
-                     s.threads, smem, stream, "scan_fwd_kernel (state-only) launch", p, s, f);
-      const int64_t states = p.batch * p.dim * p.dstate;
-      launch_checked(scan_fwd_combine_kernel, dim3(static_cast<unsigned>((states + 255) / 256)), 256, 0, stream,
-                     "scan_fwd_combine_kernel launch", p, s);
+    if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
+      if (s.seq_splits > 1) {
+        launch_checked(scan_fwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
+                       s.threads, smem, stream, "scan_fwd_kernel (state-only) launch", p, s, f);
+        launch_checked(scan_fwd_combine_kernel, per_state_grid(p), 256, 0, stream, "scan_fwd_combine_kernel launch", p,
+                       s);
+      }
     }
     launch_checked(scan_fwd_kernel<input_t, kSPT, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
                    s.threads, smem, stream, "scan_fwd_kernel launch", p, s, f);

@@ -55,6 +55,11 @@ inline int64_t grid_blocks(const ScanParams& p, const BlockShape& s) {
   return blocks;
 }
 
+// The grid of the sequence split's combine kernels: 256 threads, one per (b, d, n).
+inline dim3 per_state_grid(const ScanParams& p) {
+  return dim3(static_cast<unsigned>((p.batch * p.dim * p.dstate + 255) / 256));
+}
+
 template <typename input_t>
 void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stream);
 template <typename input_t>
