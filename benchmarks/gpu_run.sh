@@ -6,6 +6,8 @@
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
 #   sanitize - compute-sanitizer memcheck and racecheck on a small forward + backward
+#   profile - Nsight Compute (ncu, full set) on the first forward and backward scan kernels at
+#            PROFILE_SHAPE (default "8 1536 2048 16"); details and per-instruction SASS pages as text
 # Usage: bash benchmarks/gpu_run.sh [stage ...]   (default: tests bench). Logs and JSON go to $OUT.
 # SELECTIVE_SCAN_COMMIT names the commit in the JSON when the tree was copied without its history.
 # The bench stage writes its JSON after every record; the whole run (anchors, references, sweeps)
@@ -47,6 +49,13 @@ for stage in "${stages[@]}"; do
         echo "compute-sanitizer $tool: exit $code, $(grep -h 'SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
         [ $code -eq 0 ] || rc=1
       done ;;
+    profile)
+      ncu --set full --clock-control none -k regex:"scan_(fwd|bwd)_kernel" -c 2 --export "$OUT/scan" -f \
+        python3 benchmarks/profile_shape.py ${PROFILE_SHAPE:-8 1536 2048 16} > "$OUT/ncu.log" 2>&1 || rc=1
+      ncu --import "$OUT/scan.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
+      ncu --import "$OUT/scan.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_sass.csv" 2>&1
+      grep -E "scan_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Executed Ipc A|Block Limit" \
+        "$OUT/ncu_details.txt" | head -40 ;;
     *)
       echo "unknown stage $stage"; rc=1 ;;
   esac

@@ -28,19 +28,23 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
   return (seg % segs_per_group) * s.blocks_per_seg + r.cb;
 }
 
+// kTPC: threads per channel fixed at compile time (4, with kSPT 4: dstate 13-16, the warp-sums
+// path below), or 0 for s.tpc.
 // kAdjointOnly: the first pass of a sequence split, over pieces 1.. (blockIdx.y + 1): from a zero
 // adjoint at the piece's end, the adjoint carried out of its first step (F) and the piece's decay
 // exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
-template <typename input_t, int kSPT, bool kAdjointOnly>
+template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly>
 __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
                                 const ScanBwdPartials parts) {
   const ScanParams& p = bp.fwd;
   extern __shared__ float4 smem_b4[];
   float* smem = reinterpret_cast<float*>(smem_b4);
-  const BlockShape shape{kSPT, s.tpc, s.cpb, s.threads};
+  // Four threads of four states per channel: sums over states and channels by warp shuffles.
+  constexpr bool kWarpSums = kSPT == 4 && kTPC == 4;
+  const int tpc = kTPC > 0 ? kTPC : s.tpc;
+  const BlockShape shape{kSPT, tpc, s.cpb, s.threads};
   const BwdSmem L = bwd_smem_layout(shape);
-  const bool warp_sums = bwd_warp_sums(shape);
-  const int npad = L.npad;
+  const int npad = kTPC > 0 ? kTPC * kSPT : L.npad;
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
@@ -53,14 +57,14 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
   float* s_sB = s_sA + kSub * s.threads;
   float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
   float* s_dCr = s_dBr + s.cpb * L.cstride;
-  float* s_wB = s_y;                    // reverse phase with warp_sums: [warp][kSub][npad] dB / dC
-  float* s_wC = s_wB + (s.threads / 32) * kSub * npad;
+  float* s_wB = s_y;                    // reverse phase with kWarpSums: [warp][n][kSub + 1] dB / dC
+  float* s_wC = s_wB + (s.threads / 32) * npad * (kSub + 1);
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
   const int lane = tid & 31, warp = tid >> 5;
-  const int c = tid / s.tpc;
-  const int q = tid % s.tpc;
+  const int c = tid / tpc;
+  const int q = tid % tpc;
   const int n0 = q * kSPT;
   const bool c_valid = c < rows.valid;
   const int64_t d = rows.d0 + (c_valid ? c : 0);
@@ -100,6 +104,9 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
   const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
   const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
   float dD_acc = 0.f, dbias_acc = 0.f;
+  // kWarpSums: dD and d(delta_bias) accumulated per staged vector of 8 steps; a thread stages the
+  // same two vectors (v = tid and tid + threads) of every chunk.
+  float dD_vec[2] = {0.f, 0.f}, dbias_vec[2] = {0.f, 0.f};
   const float D_row = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
 
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
@@ -120,6 +127,9 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
   for (int64_t k = k_end - 1; k >= k_begin; --k) {
     const int64_t t0 = k * kChunk;
     const int len = static_cast<int>(p.seqlen - t0 < kChunk ? p.seqlen - t0 : kChunk);
+    // This block's partial dB / dC rows of the chunk (variable B / C): [n][t] with row stride seqlen.
+    float* dB_chunk = p.B.is_variable ? parts.dB + ((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate * p.seqlen + t0 : nullptr;
+    float* dC_chunk = p.C.is_variable ? parts.dC + ((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate * p.seqlen + t0 : nullptr;
 
     // Stage u, d, d * u and dy = dout * silu(z); zeros past the end make padded steps inert.
     for (int v = tid; v < vecs; v += s.threads) {
@@ -155,6 +165,12 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
         s_d[e] = dd[i];
         s_du[e] = dd[i] * uu[i];
         s_dy[e] = dy[i];
+      }
+      if constexpr (kWarpSums && !kAdjointOnly) {
+        float acc = v < s.threads ? dD_vec[0] : dD_vec[1];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc = fmaf(dy[i], uu[i], acc);  // zeros past the end
+        if (v < s.threads) dD_vec[0] = acc; else dD_vec[1] = acc;
       }
     }
     if (!kAdjointOnly && p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
@@ -206,7 +222,7 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
           ys[kk] = y;
         }
         if (z_base) {
-          channel_sum_group(ys, s.tpc);
+          channel_sum_group(ys, tpc);
           if (q == 0) {
 #pragma unroll
             for (int kk = 0; kk < kSub; ++kk) s_y[c * kRow + sub * kSub + kk] = ys[kk];
@@ -281,42 +297,41 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
           dCt[j] = dyt * hs[kk][j];
           G[j] = ag;
         }
-        if constexpr (kSPT == 4) {
-        if (warp_sums) {
-          // Sums over the channel's four threads; one of them forms du and ddelta of this step.
+        if constexpr (kWarpSums) {
+          // Sums over the channel's four threads; one of them writes, in place of u and d * u,
+          // d(loss)/d(d_t) before the softplus derivative and du of this step (the chunk's store
+          // applies the derivative).
           sA += __shfl_xor_sync(0xffffffffu, sA, 1);
           sB += __shfl_xor_sync(0xffffffffu, sB, 1);
           sA += __shfl_xor_sync(0xffffffffu, sA, 2);
           sB += __shfl_xor_sync(0xffffffffu, sB, 2);
-          if (q == (kk & 3) && c_valid && t < len) {
+          // The writer overwrites d * u of step t, which the channel's other lanes read above:
+          // order their reads before the write (shuffles do not order memory).
+          __syncwarp();
+          if (q == (kk & 3)) {
             const int e = c * kRow + t;
             const float ut = s_u[e];
-            float ddt = fmaf(ut, sB, sA);
-            if (p.delta_softplus) ddt *= softplus_grad_from_value(dt);
+            s_u[e] = fmaf(ut, sB, sA);
             s_du[e] = fmaf(dyt, D_row, dt * sB);
-            s_d[e] = ddt;
-            dbias_acc += ddt;
-            dD_acc = fmaf(dyt, ut, dD_acc);
           }
           // dB / dC summed over the warp's eight channels (invalid channels contribute zeros).
           const int n_lane = n0 + 2 * ((lane >> 4) & 1) + ((lane >> 3) & 1);
           const bool writer = ((lane >> 2) & 1) == 0;
           if (p.B.is_variable) {
             const float v = warp_channel_sum4(dBt, lane);
-            if (writer) s_wB[(warp * kSub + kk) * npad + n_lane] = v;
+            if (writer) s_wB[(warp * npad + n_lane) * (kSub + 1) + kk] = v;
           } else {
 #pragma unroll
             for (int j = 0; j < kSPT; ++j) dB_acc[j] += dBt[j];
           }
           if (p.C.is_variable) {
             const float v = warp_channel_sum4(dCt, lane);
-            if (writer) s_wC[(warp * kSub + kk) * npad + n_lane] = v;
+            if (writer) s_wC[(warp * npad + n_lane) * (kSub + 1) + kk] = v;
           } else {
 #pragma unroll
             for (int j = 0; j < kSPT; ++j) dC_acc[j] += dCt[j];
           }
           continue;
-        }
         }
         s_sA[kk * s.threads + tid] = sA;
         s_sB[kk * s.threads + tid] = sB;
@@ -333,22 +348,20 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
       }
       __syncthreads();
 
-      if (warp_sums) {
-        // dB / dC of the sub-chunk: the block's warps summed in warp order.
+      if constexpr (kWarpSums) {
+        // dB / dC of the sub-chunk: the block's warps summed in warp order; eight consecutive
+        // threads take eight consecutive steps of one state (32-byte stores).
         const int nwarps = s.threads / 32;
         for (int o = tid; o < 2 * kSub * npad; o += s.threads) {
           const bool is_C = o >= kSub * npad;
           const int oc = is_C ? o - kSub * npad : o;
-          const int kk = oc / npad, n = oc % npad;
+          const int n = oc / kSub, kk = oc % kSub;
           const int t = sub * kSub + kk;
           if (!(is_C ? p.C.is_variable : p.B.is_variable) || t >= len || n >= dstate) continue;
-          const float* buf = (is_C ? s_wC : s_wB) + kk * npad + n;
+          const float* buf = (is_C ? s_wC : s_wB) + n * (kSub + 1) + kk;
           float acc = 0.f;
-          for (int w = 0; w < nwarps; ++w) acc += buf[w * kSub * npad];
-          const BCParams& bc = is_C ? p.C : p.B;
-          const int64_t slot = is_C ? slotC : slotB;
-          const int64_t g = is_C ? rows.gC : rows.gB;
-          (is_C ? parts.dC : parts.dB)[(((slot * p.batch + rows.b) * bc.n_groups + g) * dstate + n) * p.seqlen + t0 + t] = acc;
+          for (int w = 0; w < nwarps; ++w) acc += buf[w * npad * (kSub + 1)];
+          (is_C ? dC_chunk : dB_chunk)[n * p.seqlen + t] = acc;
         }
         __syncthreads();
         continue;
@@ -414,11 +427,7 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
           }
           const int t = sub * kSub + kk;
           if (wanted && part == 0 && t < len && n < dstate) {
-            const BCParams& bc = is_C ? p.C : p.B;
-            const int64_t slot = is_C ? slotC : slotB;
-            const int64_t g = is_C ? rows.gC : rows.gB;
-            float* dst = (is_C ? parts.dC : parts.dB) +
-                         (((slot * p.batch + rows.b) * bc.n_groups + g) * dstate + n) * p.seqlen + t0 + t;
+            float* dst = (is_C ? dC_chunk : dB_chunk) + n * p.seqlen + t;
 #pragma unroll
             for (int w = 0; w < kW; ++w)
               if (n + w < dstate) dst[w * p.seqlen] = acc[w];
@@ -438,7 +447,19 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         a[i] = s_du[cc * kRow + t + i];
-        b[i] = s_d[cc * kRow + t + i];
+        if constexpr (kWarpSums) {
+          float ddt = s_u[cc * kRow + t + i];
+          if (p.delta_softplus) ddt *= softplus_grad_from_value(s_d[cc * kRow + t + i]);
+          b[i] = ddt;
+        } else {
+          b[i] = s_d[cc * kRow + t + i];
+        }
+      }
+      if constexpr (kWarpSums) {
+        float acc = v < s.threads ? dbias_vec[0] : dbias_vec[1];
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc += t + i < len ? b[i] : 0.f;
+        if (v < s.threads) dbias_vec[0] = acc; else dbias_vec[1] = acc;
       }
       store_vec(du_base + dc * bp.du.dim_stride + t0, t, len, f.grads_aligned, a);
       store_vec(ddelta_base + dc * bp.ddelta.dim_stride + t0, t, len, f.grads_aligned, b);
@@ -470,14 +491,40 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
       if (!p.C.is_variable) parts.dC[prow * dstate + n] = dC_acc[j];
     }
   }
-  // dD and d(delta_bias): sum the channel's threads (consecutive lanes) in a fixed order.
-  for (int off = 1; off < s.tpc; off <<= 1) {
-    dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, off);
-    dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, off);
-  }
-  if (c_valid && q == 0) {
-    parts.dD[prow] = dD_acc;
-    parts.ddelta_bias[prow] = dbias_acc;
+  if constexpr (kWarpSums) {
+    // dD and d(delta_bias): each channel's eight vectors summed in order through shared memory
+    // (free after the last chunk's barrier).
+    float* s_red = s_u;  // [2][cpb][8]
+    const int vecs_per_row = kChunk / kVec;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int v = tid + i * s.threads;
+      if (v < vecs) {
+        s_red[v] = dD_vec[i];
+        s_red[vecs + v] = dbias_vec[i];
+      }
+    }
+    __syncthreads();
+    if (tid < rows.valid) {
+      float sD = 0.f, sb = 0.f;
+      for (int i = 0; i < vecs_per_row; ++i) {
+        sD += s_red[tid * vecs_per_row + i];
+        sb += s_red[vecs + tid * vecs_per_row + i];
+      }
+      const int64_t prow_c = piece * p.batch * p.dim + rows.b * p.dim + rows.d0 + tid;
+      parts.dD[prow_c] = sD;
+      parts.ddelta_bias[prow_c] = sb;
+    }
+  } else {
+    // dD and d(delta_bias): sum the channel's threads (consecutive lanes) in a fixed order.
+    for (int off = 1; off < tpc; off <<= 1) {
+      dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, off);
+      dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, off);
+    }
+    if (c_valid && q == 0) {
+      parts.dD[prow] = dD_acc;
+      parts.ddelta_bias[prow] = dbias_acc;
+    }
   }
 }
 
@@ -515,20 +562,25 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
                        (bp.dz.ptr == nullptr || rows_aligned(bp.dz, esize))};
   const int smem = bwd_smem_layout(s).total * static_cast<int>(sizeof(float));
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
-  dispatch_spt(s.spt, [&](auto spt) {
-    constexpr int kSPT = decltype(spt)::value;
+  const auto launch = [&](auto spt, auto tpc) {
+    constexpr int kSPT = decltype(spt)::value, kTPC = decltype(tpc)::value;
     if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
       if (s.seq_splits > 1) {
         if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
-        launch_checked(scan_bwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
+        launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
                        s.threads, smem, stream, "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
         launch_checked(scan_bwd_combine_kernel, per_state_grid(p), 256, 0, stream, "scan_bwd_combine_kernel launch",
                        bp, s, parts.piece_adjoints);
       }
     }
-    launch_checked(scan_bwd_kernel<input_t, kSPT, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
+    launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
                    s.threads, smem, stream, "scan_bwd_kernel launch", bp, s, f, parts);
-  });
+  };
+  if (bwd_warp_sums(s)) {
+    launch(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{});
+  } else {
+    dispatch_spt(s.spt, [&](auto spt) { launch(spt, std::integral_constant<int, 0>{}); });
+  }
 }
 
 }  // namespace cuda_detail

@@ -374,7 +374,7 @@ __host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
   const int fwd_part = s.cpb * kRow;
   // Reverse phase: per-warp channel sums of dB / dC when the warp reduces them by shuffles
   // (bwd_warp_sums), else per-thread sums over states and per-channel dB / dC rows.
-  const int rev_part = bwd_warp_sums(s) ? 2 * (s.threads / 32) * kSub * l.npad
+  const int rev_part = bwd_warp_sums(s) ? 2 * (s.threads / 32) * l.npad * (kSub + 1)
                                         : 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
   l.region = fwd_part > rev_part ? fwd_part : rev_part;
   l.total = 2 * kChunk * l.npad + 4 * s.cpb * kRow + l.hck + l.region;
