@@ -112,6 +112,9 @@ CONFIGS = [
     dict(batch=1, dim=33, seqlen=130, dstate=5, dtype=torch.float32, init=True),
     dict(batch=2, dim=16, seqlen=257, dstate=1, dtype=torch.float32),
     dict(batch=2, dim=16, seqlen=100, dstate=64, dtype=torch.float32, init=True),
+    dict(batch=2, dim=20, seqlen=150, dstate=32, dtype=torch.float32),
+    dict(batch=1, dim=12, seqlen=90, dstate=128, dtype=torch.float32, init=True),
+    dict(batch=2, dim=10, seqlen=130, dstate=40, dtype=torch.float32, b_form="group", c_form="var", groups=2),
     dict(batch=1, dim=8, seqlen=100, dstate=256, dtype=torch.float32, init=True),
     dict(batch=1, dim=8, seqlen=70, dstate=200, dtype=torch.float32),
     dict(batch=2, dim=24, seqlen=129, dstate=16, dtype=torch.float32, b_form="const", c_form="var"),
@@ -146,7 +149,7 @@ def main():
               f"{max(errs.values()):.2e} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     if not args.no_timing:
         for shape in [(8, 1536, 2048, 16), (4, 5120, 2048, 16), (1, 2048, 16384, 16), (16, 4096, 1024, 16),
-                      (8, 1536, 2048, 64)]:
+                      (8, 1536, 2048, 64), (8, 1536, 2048, 32), (8, 1536, 2048, 128)]:
             for dtype in (torch.bfloat16, torch.float32):
                 if dtype == torch.float32 and shape != (8, 1536, 2048, 16):
                     continue

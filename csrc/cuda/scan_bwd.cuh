@@ -28,19 +28,20 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
   return (seg % segs_per_group) * s.blocks_per_seg + r.cb;
 }
 
-// kTPC: threads per channel fixed at compile time (4, with kSPT 4: dstate 13-16, the warp-sums
-// path below), or 0 for s.tpc.
+// kTPC: threads per channel fixed at compile time (4..32, with kSPT 4: dstate 13-128, the
+// warp-sums path below), or 0 for s.tpc. At 32 (dstate 65-128) the B/C tiles leave room for one
+// block per SM, so that kernel is not held to three blocks' registers.
 // kAdjointOnly: the first pass of a sequence split, over pieces 1.. (blockIdx.y + 1): from a zero
 // adjoint at the piece's end, the adjoint carried out of its first step (F) and the piece's decay
 // exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
 template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly>
-__global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
+__global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
                                 const ScanBwdPartials parts) {
   const ScanParams& p = bp.fwd;
   extern __shared__ float4 smem_b4[];
   float* smem = reinterpret_cast<float*>(smem_b4);
-  // Four threads of four states per channel: sums over states and channels by warp shuffles.
-  constexpr bool kWarpSums = kSPT == 4 && kTPC == 4;
+  // Four states per thread, kTPC threads per channel: sums over states and channels by shuffles.
+  constexpr bool kWarpSums = kSPT == 4 && kTPC >= 4;
   const int tpc = kTPC > 0 ? kTPC : s.tpc;
   const BlockShape shape{kSPT, tpc, s.cpb, s.threads};
   const BwdSmem L = bwd_smem_layout(shape);
@@ -57,8 +58,8 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
   float* s_sB = s_sA + kSub * s.threads;
   float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
   float* s_dCr = s_dBr + s.cpb * L.cstride;
-  float* s_wB = s_y;                    // reverse phase with kWarpSums: [warp][n][kSub + 1] dB / dC
-  float* s_wC = s_wB + (s.threads / 32) * npad * (kSub + 1);
+  float* s_wB = s_y;                    // reverse phase with kWarpSums: [warp][kSub][npad + pad] dB / dC
+  float* s_wC = s_wB + (s.threads / 32) * kSub * (npad + kWarpRowPad);
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
@@ -105,7 +106,8 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
   const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
   float dD_acc = 0.f, dbias_acc = 0.f;
   // kWarpSums: dD and d(delta_bias) accumulated per staged vector of 8 steps; a thread stages the
-  // same two vectors (v = tid and tid + threads) of every chunk.
+  // same vectors (v = tid and tid + threads, at most two: kChunk / kVec * cpb <= 2 * threads) of
+  // every chunk.
   float dD_vec[2] = {0.f, 0.f}, dbias_vec[2] = {0.f, 0.f};
   const float D_row = p.D ? static_cast<const float*>(p.D)[d] : 0.f;
 
@@ -298,35 +300,33 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
           G[j] = ag;
         }
         if constexpr (kWarpSums) {
-          // Sums over the channel's four threads; one of them writes, in place of u and d * u,
+          // Sums over the channel's threads; one of them writes, in place of u and d * u,
           // d(loss)/d(d_t) before the softplus derivative and du of this step (the chunk's store
           // applies the derivative).
-          sA += __shfl_xor_sync(0xffffffffu, sA, 1);
-          sB += __shfl_xor_sync(0xffffffffu, sB, 1);
-          sA += __shfl_xor_sync(0xffffffffu, sA, 2);
-          sB += __shfl_xor_sync(0xffffffffu, sB, 2);
+#pragma unroll
+          for (int off = 1; off < kTPC; off <<= 1) {
+            sA += __shfl_xor_sync(0xffffffffu, sA, off);
+            sB += __shfl_xor_sync(0xffffffffu, sB, off);
+          }
           // The writer overwrites d * u of step t, which the channel's other lanes read above:
           // order their reads before the write (shuffles do not order memory).
           __syncwarp();
-          if (q == (kk & 3)) {
+          if (q == kk % kTPC) {
             const int e = c * kRow + t;
             const float ut = s_u[e];
             s_u[e] = fmaf(ut, sB, sA);
             s_du[e] = fmaf(dyt, D_row, dt * sB);
           }
-          // dB / dC summed over the warp's eight channels (invalid channels contribute zeros).
-          const int n_lane = n0 + 2 * ((lane >> 4) & 1) + ((lane >> 3) & 1);
-          const bool writer = ((lane >> 2) & 1) == 0;
+          // dB / dC summed over the warp's channels (invalid channels contribute zeros).
+          const int wrow = (warp * kSub + kk) * (npad + kWarpRowPad);
           if (p.B.is_variable) {
-            const float v = warp_channel_sum4(dBt, lane);
-            if (writer) s_wB[(warp * npad + n_lane) * (kSub + 1) + kk] = v;
+            warp_channel_sums<kTPC>(dBt, lane, n0, s_wB + wrow);
           } else {
 #pragma unroll
             for (int j = 0; j < kSPT; ++j) dB_acc[j] += dBt[j];
           }
           if (p.C.is_variable) {
-            const float v = warp_channel_sum4(dCt, lane);
-            if (writer) s_wC[(warp * npad + n_lane) * (kSub + 1) + kk] = v;
+            warp_channel_sums<kTPC>(dCt, lane, n0, s_wC + wrow);
           } else {
 #pragma unroll
             for (int j = 0; j < kSPT; ++j) dC_acc[j] += dCt[j];
@@ -358,9 +358,9 @@ __global__ void __launch_bounds__(128, kSPT == 4 ? 3 : 1) scan_bwd_kernel(const 
           const int n = oc / kSub, kk = oc % kSub;
           const int t = sub * kSub + kk;
           if (!(is_C ? p.C.is_variable : p.B.is_variable) || t >= len || n >= dstate) continue;
-          const float* buf = (is_C ? s_wC : s_wB) + n * (kSub + 1) + kk;
+          const float* buf = (is_C ? s_wC : s_wB) + kk * (npad + kWarpRowPad) + n;
           float acc = 0.f;
-          for (int w = 0; w < nwarps; ++w) acc += buf[w * npad * (kSub + 1)];
+          for (int w = 0; w < nwarps; ++w) acc += buf[w * kSub * (npad + kWarpRowPad)];
           (is_C ? dC_chunk : dB_chunk)[n * p.seqlen + t] = acc;
         }
         __syncthreads();
@@ -577,7 +577,14 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
                    s.threads, smem, stream, "scan_bwd_kernel launch", bp, s, f, parts);
   };
   if (bwd_warp_sums(s)) {
-    launch(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{});
+    constexpr std::integral_constant<int, 4> four;
+    switch (s.tpc) {
+      case 4: launch(four, std::integral_constant<int, 4>{}); break;
+      case 8: launch(four, std::integral_constant<int, 8>{}); break;
+      case 16: launch(four, std::integral_constant<int, 16>{}); break;
+      case 32: launch(four, std::integral_constant<int, 32>{}); break;
+      default: throw std::runtime_error("selective_scan: unsupported threads per channel");
+    }
   } else {
     dispatch_spt(s.spt, [&](auto spt) { launch(spt, std::integral_constant<int, 0>{}); });
   }

@@ -348,22 +348,41 @@ struct BwdSmem {
   int npad, cstride, hck, region, total;
 };
 
-// The backward's fast path for four threads of four states per channel (dstate 13..16): sums over
-// a channel's threads and over a warp's eight channels by shuffles, without shared-memory rows.
-__host__ __device__ inline bool bwd_warp_sums(const BlockShape& s) { return s.spt == 4 && s.tpc == 4; }
+// The backward's fast path for four states per thread and 4..32 threads per channel (dstate
+// 13..128): sums over a channel's threads and over a warp's channels by shuffles, without
+// per-thread shared-memory rows. Needs whole warps.
+__host__ __device__ inline bool bwd_warp_sums(const BlockShape& s) {
+  return s.spt == 4 && s.tpc >= 4 && s.threads % 32 == 0;
+}
 
-// Sum over the 8 channels of a warp (lanes differing in bits 2..4) of x[0..3], the four states of
-// this lane's quarter: returns the sum for state 2 * bit4 + bit3 of the quarter, in a fixed order.
-template <int N>
-__device__ __forceinline__ float warp_channel_sum4(const float (&x)[N], int lane) {
-  static_assert(N >= 4, "four states per thread");
-  const bool b4 = (lane >> 4) & 1, b3 = (lane >> 3) & 1;
-  const float k0 = b4 ? x[2] : x[0], k1 = b4 ? x[3] : x[1];
-  const float s0 = b4 ? x[0] : x[2], s1 = b4 ? x[1] : x[3];
-  const float y0 = k0 + __shfl_xor_sync(0xffffffffu, s0, 16);
-  const float y1 = k1 + __shfl_xor_sync(0xffffffffu, s1, 16);
-  float z = (b3 ? y1 : y0) + __shfl_xor_sync(0xffffffffu, b3 ? y0 : y1, 8);
-  return z + __shfl_xor_sync(0xffffffffu, z, 4);
+// Row stride (floats) of the warp-sums buffer [warp][kSub][npad + kWarpRowPad]: the padding puts
+// the eight steps that consecutive threads read in different banks.
+constexpr int kWarpRowPad = 4;
+
+// x[0..3]: this lane's four states (n0..n0+3) of one step. Sums them over the warp's channels
+// (32 / kTPC of them: lanes differing in bits log2(kTPC)..4) in a fixed order by a transposed
+// butterfly, and writes each state's sum once into row[n] (the warp's row for the step): with
+// kTPC 4 and 8 a lane ends with one state (2 * bit4 + bit3 of its four), with 16 two, with 32
+// all four (one channel per warp: nothing to sum).
+template <int kTPC>
+__device__ __forceinline__ void warp_channel_sums(const float (&x)[4], int lane, int n0, float* row) {
+  if constexpr (kTPC == 32) {
+    *reinterpret_cast<float4*>(row + n0) = make_float4(x[0], x[1], x[2], x[3]);
+  } else {
+    const bool b4 = (lane >> 4) & 1;
+    const float k0 = b4 ? x[2] : x[0], k1 = b4 ? x[3] : x[1];
+    const float s0 = b4 ? x[0] : x[2], s1 = b4 ? x[1] : x[3];
+    const float y0 = k0 + __shfl_xor_sync(0xffffffffu, s0, 16);
+    const float y1 = k1 + __shfl_xor_sync(0xffffffffu, s1, 16);
+    if constexpr (kTPC == 16) {
+      *reinterpret_cast<float2*>(row + n0 + 2 * b4) = make_float2(y0, y1);
+    } else {
+      const bool b3 = (lane >> 3) & 1;
+      float z = (b3 ? y1 : y0) + __shfl_xor_sync(0xffffffffu, b3 ? y0 : y1, 8);
+      if constexpr (kTPC == 4) z += __shfl_xor_sync(0xffffffffu, z, 4);
+      if (kTPC == 8 || ((lane >> 2) & 1) == 0) row[n0 + 2 * b4 + b3] = z;
+    }
+  }
 }
 
 __host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
@@ -374,7 +393,7 @@ __host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
   const int fwd_part = s.cpb * kRow;
   // Reverse phase: per-warp channel sums of dB / dC when the warp reduces them by shuffles
   // (bwd_warp_sums), else per-thread sums over states and per-channel dB / dC rows.
-  const int rev_part = bwd_warp_sums(s) ? 2 * (s.threads / 32) * l.npad * (kSub + 1)
+  const int rev_part = bwd_warp_sums(s) ? 2 * (s.threads / 32) * kSub * (l.npad + kWarpRowPad)
                                         : 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
   l.region = fwd_part > rev_part ? fwd_part : rev_part;
   l.total = 2 * kChunk * l.npad + 4 * s.cpb * kRow + l.hck + l.region;
