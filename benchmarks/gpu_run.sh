@@ -5,7 +5,7 @@
 #   tests  - the CUDA tests (pytest -m cuda; CUDA_TESTS narrows them, e.g. tests/test_state_update.py)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
-#   sanitize - compute-sanitizer memcheck and racecheck on a small forward + backward
+#   sanitize - compute-sanitizer memcheck and racecheck on small forwards + backwards (SANITIZE_SHAPES)
 #   profile - Nsight Compute (ncu, full set) on the first forward and backward scan kernels at
 #            PROFILE_SHAPE (default "8 1536 2048 16"); details and per-instruction SASS pages as text
 # Usage: bash benchmarks/gpu_run.sh [stage ...]   (default: tests bench). Logs and JSON go to $OUT.
@@ -43,11 +43,15 @@ for stage in "${stages[@]}"; do
     decode)
       python3 benchmarks/bench_decode.py --device cuda --out "$OUT/decode_h200.json" 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
     sanitize)
-      for tool in memcheck racecheck; do
-        compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/profile_shape.py 2 40 200 16 \
-          > "$OUT/sanitize_$tool.log" 2>&1; code=$?
-        echo "compute-sanitizer $tool: exit $code, $(grep -h 'SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
-        [ $code -eq 0 ] || rc=1
+      # SANITIZE_SHAPES: "batch,dim,seqlen,dstate" entries (few rows: they take the sequence split).
+      for shape in ${SANITIZE_SHAPES:-2,40,200,16}; do
+        for tool in memcheck racecheck; do
+          log="$OUT/sanitize_${tool}_${shape//,/x}.log"
+          compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/profile_shape.py ${shape//,/ } \
+            > "$log" 2>&1; code=$?
+          echo "compute-sanitizer $tool $shape: exit $code, $(grep -h 'SUMMARY' "$log" | tail -1)"
+          [ $code -eq 0 ] || rc=1
+        done
       done ;;
     profile)
       ncu --set full --clock-control none -k regex:"scan_(fwd|bwd)_kernel" -c 2 --export "$OUT/scan" -f \
