@@ -28,7 +28,7 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
   return (seg % segs_per_group) * s.blocks_per_seg + r.cb;
 }
 
-// kTPC: threads per channel fixed at compile time (4..32, with kSPT 4: dstate 13-128, the
+// kTPC: threads per channel fixed at compile time (4..32, with kSPT 4: dstate 9-128, the
 // warp-sums path below), or 0 for s.tpc. At 32 (dstate 65-128) the B/C tiles leave room for one
 // block per SM, so that kernel is not held to three blocks' registers.
 // kAdjointOnly: the first pass of a sequence split, over pieces 1.. (blockIdx.y + 1): from a zero

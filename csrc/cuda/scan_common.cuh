@@ -349,7 +349,7 @@ struct BwdSmem {
 };
 
 // The backward's fast path for four states per thread and 4..32 threads per channel (dstate
-// 13..128): sums over a channel's threads and over a warp's channels by shuffles, without
+// 9..128): sums over a channel's threads and over a warp's channels by shuffles, without
 // per-thread shared-memory rows. Needs whole warps.
 __host__ __device__ inline bool bwd_warp_sums(const BlockShape& s) {
   return s.spt == 4 && s.tpc >= 4 && s.threads % 32 == 0;
