@@ -45,6 +45,7 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const int tpc = kTPC > 0 ? kTPC : s.tpc;
   const BlockShape shape{kSPT, tpc, s.cpb, s.threads};
   const BwdSmem L = bwd_smem_layout(shape);
+  // L.npad, spelled as a compile-time constant where kTPC is one (the compiler does not fold L's).
   const int npad = kTPC > 0 ? kTPC * kSPT : L.npad;
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
