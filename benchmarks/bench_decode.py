@@ -46,6 +46,12 @@ def torch_call(state, c):
                                       True)
 
 
+def copy_call(state, c):
+    """A device copy of the same size as the step's state traffic (one state read, one written): the
+    practical ceiling for a kernel that reads and writes the state once."""
+    c["copy_dst"].copy_(state)
+
+
 def time_cuda(fn, states, c, calls, reps, graph):
     """Median over `reps` of (elapsed / calls) for `calls` back-to-back calls rotating over states."""
     def body():
@@ -125,7 +131,7 @@ def main(argv=None):
     rows = []
     print(f"device {dev}: {torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()}")
     print(f"{'batch':>5s} {'dim':>5s} {'dstate':>6s} | {'op us':>8s} {'graph us':>8s} {'torch us':>9s} "
-          f"{'speedup':>7s} | {'op GB/s':>8s} {'graph GB/s':>10s} {'% 4.24TB/s':>10s}")
+          f"{'speedup':>7s} | {'op GB/s':>8s} {'graph GB/s':>10s} {'% 4.24TB/s':>10s} {'copy %':>6s}")
     for batch, dim, dstate in shapes:
         state_bytes = batch * dim * dstate * 4
         n_states = max(1, min(64, math.ceil(args.working_set_mib * 2**20 / state_bytes))) if cuda else 1
@@ -135,15 +141,18 @@ def main(argv=None):
             t_graph = time_cuda(op_call, states, c, calls, reps, graph=True)
             t_torch = time_cuda(torch_call, states, c, max(10, calls // 10), reps, graph=False)
             t_torch_graph = time_cuda(torch_call, states, c, max(10, calls // 10), reps, graph=True)
+            c["copy_dst"] = torch.empty_like(states[0])
+            t_copy_graph = time_cuda(copy_call, states, c, calls, reps, graph=True)
         else:
             t_op = time_cpu(op_call, states, c, calls, reps)
             t_torch = time_cpu(torch_call, states, c, max(2, calls // 2), reps)
-            t_graph = t_torch_graph = None
+            t_graph = t_torch_graph = t_copy_graph = None
         moved = 2 * state_bytes  # the state read once and written once
         other = batch * dim * 2 * 4 + dim * dstate * 4 + dim * 8 + batch * dstate * 2 * 2  # x dt z out, A, D bias, B C
         best = min(t for t in (t_op, t_graph) if t is not None)
         row = {"batch": batch, "dim": dim, "dstate": dstate, "state_buffers": n_states,
                "op_us": t_op, "op_graph_us": t_graph, "torch_us": t_torch, "torch_graph_us": t_torch_graph,
+               "copy_graph_us": t_copy_graph,
                "speedup_vs_torch": t_torch / t_op,
                "state_bytes_moved": moved, "other_bytes": other,
                "op_state_GBps": moved / t_op / 1e3,
@@ -152,10 +161,12 @@ def main(argv=None):
                "best_total_GBps": (moved + other) / best / 1e3}
         if cuda:
             row["best_pct_of_copy_bw"] = 100 * row["best_state_GBps"] / (H200_COPY_TBPS * 1e3)
+            row["same_size_copy_pct_of_copy_bw"] = 100 * moved / t_copy_graph / 1e3 / (H200_COPY_TBPS * 1e3)
         rows.append(row)
         print(f"{batch:5d} {dim:5d} {dstate:6d} | {t_op:8.2f} {t_graph if t_graph else float('nan'):8.2f} "
               f"{t_torch:9.2f} {row['speedup_vs_torch']:7.1f} | {row['op_state_GBps']:8.1f} "
-              f"{row['op_graph_state_GBps'] or float('nan'):10.1f} {row.get('best_pct_of_copy_bw', float('nan')):10.1f}")
+              f"{row['op_graph_state_GBps'] or float('nan'):10.1f} {row.get('best_pct_of_copy_bw', float('nan')):10.1f} "
+              f"{row.get('same_size_copy_pct_of_copy_bw', float('nan')):6.1f}")
         del states, c
         if cuda:
             torch.cuda.empty_cache()

@@ -110,6 +110,9 @@ CONFIGS = [
     dict(batch=2, dim=40, seqlen=63, dstate=16, dtype=torch.float32, init=True),
     dict(batch=2, dim=40, seqlen=200, dstate=16, dtype=torch.float32, z=False, D=False, bias=False, softplus=False),
     dict(batch=1, dim=33, seqlen=130, dstate=5, dtype=torch.float32, init=True),
+    dict(batch=2, dim=40, seqlen=300, dstate=8, dtype=torch.float32),
+    dict(batch=2, dim=24, seqlen=129, dstate=7, dtype=torch.float32, b_form="group", c_form="var", groups=3),
+    dict(batch=1, dim=6, seqlen=4100, dstate=6, dtype=torch.float32, init=True),
     dict(batch=2, dim=16, seqlen=257, dstate=1, dtype=torch.float32),
     dict(batch=2, dim=16, seqlen=100, dstate=64, dtype=torch.float32, init=True),
     dict(batch=2, dim=20, seqlen=150, dstate=32, dtype=torch.float32),
@@ -133,6 +136,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="skip the accuracy grid")
+    ap.add_argument("--shapes", default="", help="timing shapes, e.g. 8x1536x2048x8,8x1536x2048x4 (bf16; "
+                    "default: the anchors and dstate 32 and 128)")
     args = ap.parse_args()
     results = {"spt": os.environ.get("SELECTIVE_SCAN_SPT", "auto"), "gpu": torch.cuda.get_device_name(),
                "checks": [], "timings": []}
@@ -148,8 +153,10 @@ def main():
         print(("OK  " if ok else "BAD ") + json.dumps(label) + " det=" + str(det) + " max=" +
               f"{max(errs.values()):.2e} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     if not args.no_timing:
-        for shape in [(8, 1536, 2048, 16), (4, 5120, 2048, 16), (1, 2048, 16384, 16), (16, 4096, 1024, 16),
-                      (8, 1536, 2048, 64), (8, 1536, 2048, 32), (8, 1536, 2048, 128)]:
+        shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else
+                  [(8, 1536, 2048, 16), (4, 5120, 2048, 16), (1, 2048, 16384, 16), (16, 4096, 1024, 16),
+                   (8, 1536, 2048, 64), (8, 1536, 2048, 32), (8, 1536, 2048, 128)])
+        for shape in shapes:
             for dtype in (torch.bfloat16, torch.float32):
                 if dtype == torch.float32 and shape != (8, 1536, 2048, 16):
                     continue

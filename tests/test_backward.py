@@ -67,7 +67,7 @@ def test_seqlen(device, dtype, seqlen):
 
 
 @pytest.mark.parametrize("device,dtype", FP32_FP64)
-@pytest.mark.parametrize("dstate", [1, 16, 32, 64, 100, 256])
+@pytest.mark.parametrize("dstate", [1, 8, 16, 32, 64, 100, 256])
 def test_dstate(device, dtype, dstate):
     kw = make_inputs(dtype=dtype, device=device, dim=4, seqlen=130, dstate=dstate,
                      initial_state=True, seed=27 + dstate)
