@@ -55,9 +55,9 @@ int states_per_thread(const ScanParams& p) {
 // At most this many rows (batch * dim) leave most of the GPU idle: the forward and the backward
 // split their sequence, into pieces giving about kSplitThreads threads (at four states per thread).
 // Measured on the H200 (bf16; docs/design.md): at dstate 16 a split is 1.4-2.4x faster with
-// 1536-4096 rows and slower from 12288 (the extra pass costs more than the parallelism gains); at
-// dstate 4, 12288 rows, it is 2x slower.
-constexpr int64_t kFewRows = 4096;
+// 1536-4096 rows, 1.5x (forward) and 2.9x (backward) at 5120 rows, and slower from 12288 (the
+// extra pass costs more than the parallelism gains); at dstate 4, 12288 rows, it is 2x slower.
+constexpr int64_t kFewRows = 8192;
 constexpr int64_t kSplitThreads = 131072;
 
 // The sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS (read per call, for tests) forces the count;
