@@ -1,6 +1,7 @@
 // CUDA kernels of the decode-step op: one recurrent step of the selective SSM, the fp32 state read
 // once and written once (16-byte vector loads/stores where aligned). Up to 16 aligned states, a
-// warp takes 32 rows, each lane doing one row's per-row work (state_update_warp_rows_kernel);
+// warp takes 32 rows, each lane doing one row's per-row work, the state and A staged into shared
+// memory by cp.async (state_update_warp_rows_kernel);
 // otherwise a row (batch, channel) is handled by kTPR lanes of a warp, each owning kChunks chunks
 // of 4 states, all loaded before any is used; y is reduced over the row's lanes by shuffles. Row
 // indices are 32-bit and split into (batch, channel) by a precomputed multiply-shift. The decay is
@@ -220,9 +221,9 @@ __device__ __forceinline__ void cp_async_wait_all() {
 // Every load of the warp (state, A, B, C for all passes; x, dt, z, D, dt_bias) is issued before
 // any result is used, so that a warp waits for memory once: the kernel is bound by the state's
 // traffic, and a short chain after the loads keeps the end of the grid (its tail) short. The state
-// and A go to shared memory by cp.async, not to registers: 72 registers a thread instead of 91,
-// seven blocks per SM instead of five, and 40% more state bytes in flight per SM (measured: 70% ->
-// 74% of the copy bandwidth at batch 64, 80% -> 86% at batch 256).
+// and A go to shared memory by cp.async, not to registers: 64 registers a thread instead of 91 (at
+// 16-bit inputs), eight blocks per SM instead of five, and 60% more state bytes in flight per SM
+// (measured: 70% -> 75% of the copy bandwidth at batch 64, 80% -> 87% at batch 256).
 template <int kTPR, typename TIn, typename TBC>
 __global__ void __launch_bounds__(kThreads)
 state_update_warp_rows_kernel(const StateUpdateParams p, const RowSplit split) {
