@@ -289,3 +289,23 @@ def test_reference_softplus_is_torch_softplus():
     assert torch.equal(F.softplus(x)[x > 20], x[x > 20])
     assert math.isclose(F.softplus(torch.tensor(19.0, dtype=torch.float64)).item(),
                         math.log1p(math.exp(19.0)), rel_tol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_calls_without_gradients_skip_autograd(device):
+    """When no input requires grad (or grad mode is off) the op runs without the autograd.Function
+    (no grad_fn) and gives bitwise the same out and last_state as the differentiable call; any one
+    input requiring grad keeps the gradient path."""
+    kw = make_inputs(device=device, initial_state=True, seed=91)
+    out_plain, last_plain = selective_scan.selective_scan(**kw, return_last_state=True)
+    assert out_plain.grad_fn is None and last_plain.grad_fn is None
+    for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"):
+        leaf = dict(kw, **{name: kw[name].detach().clone().requires_grad_(True)})
+        out, last = selective_scan.selective_scan(**leaf, return_last_state=True)
+        assert out.grad_fn is not None, name
+        assert torch.equal(out.detach(), out_plain) and torch.equal(last.detach(), last_plain), name
+        (out.sum() + last.sum()).backward()
+        assert leaf[name].grad is not None and torch.isfinite(leaf[name].grad).all(), name
+        with torch.no_grad():
+            out_ng = selective_scan.selective_scan(**leaf)
+        assert out_ng.grad_fn is None and torch.equal(out_ng, out_plain), name
