@@ -3,8 +3,7 @@
 // warp takes 32 rows, each lane doing one row's per-row work, the state and A staged into shared
 // memory by cp.async (state_update_warp_rows_kernel);
 // otherwise a row (batch, channel) is handled by kTPR lanes of a warp, each owning kChunks chunks
-// of 4 states, all loaded (staged in shared memory likewise) before any is used; y is reduced over
-// the row's lanes by shuffles. Row
+// of 4 states, all loaded before any is used; y is reduced over the row's lanes by shuffles. Row
 // indices are 32-bit and split into (batch, channel) by a precomputed multiply-shift. The decay is
 // the scan's (scan_common.cuh), so that a prefill by the scan and steps by these kernels follow the
 // same arithmetic.
@@ -97,25 +96,6 @@ __device__ __forceinline__ RowRef row_ref(const StateUpdateParams& p, const RowS
   return r;
 }
 
-// 16 bytes from global to shared memory without passing through registers (cp.async, sm_80 and
-// later; built for an earlier architecture, a plain load and store), so that the loads a thread
-// has in flight do not hold its registers; complete once cp_async_wait_all returns, for the
-// issuing thread.
-__device__ __forceinline__ void cp_async_16(float4* dst, const float* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src) : "memory");
-#else
-  *dst = *reinterpret_cast<const float4*>(src);
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 template <int kTPR, int kChunks, typename TIn, typename TBC>
 __global__ void __launch_bounds__(kThreads)
 state_update_kernel(const StateUpdateParams p, const RowSplit split, const bool vec) {
@@ -131,26 +111,17 @@ state_update_kernel(const StateUpdateParams p, const RowSplit split, const bool 
     return n0 >= p.dstate ? 0 : static_cast<int>(p.dstate - n0 < 4 ? p.dstate - n0 : 4);
   };
 
-  // The thread's chunks of the state and of A, staged in shared memory: 16-byte chunks by cp.async
-  // (the loads in flight hold no registers), the scalar fallback by plain loads.
-  __shared__ float4 staged_state[kChunks][kThreads], staged_A[kChunks][kThreads];
   float* s = p.state + b * p.state_batch_stride + d * p.state_dim_stride;
-  const float* A = p.A + d * p.A_dim_stride;
+  float sv[kChunks][4];
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int n0 = first_state(i), valid = valid_states(n0);
     if (vec && valid == 4) {
-      cp_async_16(&staged_state[i][threadIdx.x], s + n0);
-      cp_async_16(&staged_A[i][threadIdx.x], A + n0);
+      const float4 q = __ldcs(reinterpret_cast<const float4*>(s + n0));
+      sv[i][0] = q.x; sv[i][1] = q.y; sv[i][2] = q.z; sv[i][3] = q.w;
     } else {
-      float sv[4], av[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        sv[j] = j < valid ? s[n0 + j] : 0.f;
-        av[j] = j < valid ? __ldg(A + n0 + j) : 0.f;
-      }
-      staged_state[i][threadIdx.x] = make_float4(sv[0], sv[1], sv[2], sv[3]);
-      staged_A[i][threadIdx.x] = make_float4(av[0], av[1], av[2], av[3]);
+      for (int j = 0; j < 4; ++j) sv[i][j] = j < valid ? s[n0 + j] : 0.f;
     }
   }
   const float x = load<TIn>(p.x, b * p.x_batch_stride + d * p.x_dim_stride);
@@ -158,31 +129,39 @@ state_update_kernel(const StateUpdateParams p, const RowSplit split, const bool 
   if (p.dt_bias) dt += __ldg(p.dt_bias + d);
   if (p.dt_softplus) dt = softplus_exact(dt);
   const float dtx = dt * x;
+  const float* A = p.A + d * p.A_dim_stride;
   const TBC* B = static_cast<const TBC*>(p.B) + b * p.B_batch_stride + rr.g * p.B_group_stride;
   const TBC* C = static_cast<const TBC*>(p.C) + b * p.C_batch_stride + rr.g * p.C_group_stride;
-  cp_async_wait_all();
   float y = 0.f;
 #pragma unroll
   for (int i = 0; i < kChunks; ++i) {
     const int n0 = first_state(i), valid = valid_states(n0);
-    float bv[4], cv[4];
+    float av[4], bv[4], cv[4];
+    if (vec && valid == 4) {
+      const float4 a = __ldg(reinterpret_cast<const float4*>(A + n0));
+      av[0] = a.x; av[1] = a.y; av[2] = a.z; av[3] = a.w;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) av[j] = j < valid ? __ldg(A + n0 + j) : 0.f;
+    }
     load4<TBC>(B + n0, vec && valid == 4, valid, bv);
     load4<TBC>(C + n0, vec && valid == 4, valid, cv);
-    const float4 s4 = staged_state[i][threadIdx.x], a4 = staged_A[i][threadIdx.x];
-    float sv[4] = {s4.x, s4.y, s4.z, s4.w};
-    const float av[4] = {a4.x, a4.y, a4.z, a4.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      sv[j] = fmaf(decay_exp2(dt * av[j] * kLog2e), sv[j], bv[j] * dtx);
-      y = fmaf(cv[j], sv[j], y);  // zero for states past dstate: cv is 0 there
+      sv[i][j] = fmaf(decay_exp2(dt * av[j] * kLog2e), sv[i][j], bv[j] * dtx);
+      y = fmaf(cv[j], sv[i][j], y);  // zero for states past dstate: cv is 0 there
     }
-    if (rr.active) {
+  }
+  if (rr.active) {
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int n0 = first_state(i), valid = valid_states(n0);
       if (vec && valid == 4) {
-        __stcs(reinterpret_cast<float4*>(s + n0), make_float4(sv[0], sv[1], sv[2], sv[3]));
+        __stcs(reinterpret_cast<float4*>(s + n0), make_float4(sv[i][0], sv[i][1], sv[i][2], sv[i][3]));
       } else {
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          if (j < valid) s[n0 + j] = sv[j];
+          if (j < valid) s[n0 + j] = sv[i][j];
       }
     }
   }
@@ -213,6 +192,25 @@ struct Packed4 {
     }
   }
 };
+
+// 16 bytes from global to shared memory without passing through registers (cp.async, sm_80 and
+// later; built for an earlier architecture, a plain load and store), so that the loads a thread
+// has in flight do not hold its registers; complete once cp_async_wait_all returns, for the
+// issuing thread.
+__device__ __forceinline__ void cp_async_16(float4* dst, const float* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src) : "memory");
+#else
+  *dst = *reinterpret_cast<const float4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
 
 // Up to 16 states with aligned 4-state chunks: a warp takes 32 consecutive rows. Lane l does the
 // per-row work of row l once (indices, x, dt with its bias and softplus, gating, the output store:
