@@ -134,50 +134,98 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
     float* dB_chunk = p.B.is_variable ? parts.dB + ((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate * p.seqlen + t0 : nullptr;
     float* dC_chunk = p.C.is_variable ? parts.dC + ((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate * p.seqlen + t0 : nullptr;
 
-    // Stage u, d, d * u and dy = dout * silu(z); zeros past the end make padded steps inert.
-    for (int v = tid; v < vecs; v += s.threads) {
-      const int cc = v / (kChunk / kVec);
-      const int t = (v % (kChunk / kVec)) * kVec;
-      float uu[kVec], dd[kVec], dy[kVec];
-      if (cc < rows.valid) {
-        const int64_t dc = rows.d0 + cc;
-        load_vec(u_base + dc * p.u.dim_stride + t0, t, len, f.u_aligned, uu);
-        load_vec(delta_base + dc * p.delta.dim_stride + t0, t, len, f.delta_aligned, dd);
-        load_vec(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned, dy);
+    // Stage u, d, d * u and dy = dout * silu(z); zeros past the end make padded steps inert. Two
+    // segments per thread at a time, all loads (and those of B and C when one segment per thread
+    // covers their tiles) issued before any of them is used; the softplus of both segments in one
+    // branch, so that the compiler interleaves the sixteen evaluations.
+    const bool pre_bc = npad * (kChunk / kVec) <= s.threads &&
+                        (!p.B.is_variable || kAdjointOnly || !bc_fp32<input_t>(p.B) || sizeof(input_t) == 4) &&
+                        (!p.C.is_variable || !bc_fp32<input_t>(p.C) || sizeof(input_t) == 4);
+    RawSeg<input_t> rb, rc;
+    if (pre_bc && tid < npad * (kChunk / kVec)) {
+      if (!kAdjointOnly && p.B.is_variable) rb = load_bc_seg<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, tid);
+      if (p.C.is_variable) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, tid);
+    }
+    for (int first = 0; first < vecs; first += 2 * s.threads) {
+      RawSeg<input_t> ru[2], rd[2], rg[2], rz[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int v = first + tid + i * s.threads;
+        const int cc = v / (kChunk / kVec);
+        const int t = (v % (kChunk / kVec)) * kVec;
+        zero_seg(rz[i]);
+        if (v < vecs && cc < rows.valid) {
+          const int64_t dc = rows.d0 + cc;
+          ru[i] = load_seg(u_base + dc * p.u.dim_stride + t0, t, len, f.u_aligned);
+          rd[i] = load_seg(delta_base + dc * p.delta.dim_stride + t0, t, len, f.delta_aligned);
+          rg[i] = load_seg(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned);
+          if (z_base) rz[i] = load_seg(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned);
+        } else {
+          zero_seg(ru[i]);
+          zero_seg(rd[i]);
+          zero_seg(rg[i]);
+        }
+      }
+      float x[2][kVec];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int v = first + tid + i * s.threads;
+        const int cc = v / (kChunk / kVec);
+        const float bias = v < vecs && cc < rows.valid && delta_bias ? delta_bias[rows.d0 + cc] : 0.f;
+        seg_floats(rd[i], x[i]);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[i][j] += bias;
+      }
+      if (p.delta_softplus) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) x[i][j] = softplus(x[i][j]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int v = first + tid + i * s.threads;
+        if (v >= vecs) continue;
+        const int cc = v / (kChunk / kVec);
+        const int t = (v % (kChunk / kVec)) * kVec;
+        float uu[kVec], dy[kVec];
+        seg_floats(ru[i], uu);
+        seg_floats(rg[i], dy);
         if (z_base) {
           float zz[kVec];
-          load_vec(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned, zz);
+          seg_floats(rz[i], zz);
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) dy[i] *= zz[i] * sigmoid(zz[i]);
+          for (int j = 0; j < kVec; ++j) dy[j] *= zz[j] * sigmoid(zz[j]);
         }
-        const float bias = delta_bias ? delta_bias[dc] : 0.f;
+        const bool cv = cc < rows.valid;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          float x = dd[i] + bias;
-          if (p.delta_softplus) x = softplus(x);
-          dd[i] = t + i < len ? x : 0.f;
+        for (int j = 0; j < kVec; ++j) {
+          const int e = cc * kRow + t + j;
+          const float dd = cv && t + j < len ? x[i][j] : 0.f;
+          s_u[e] = uu[j];
+          s_d[e] = dd;
+          s_du[e] = dd * uu[j];
+          s_dy[e] = dy[j];
         }
-      } else {
+        if constexpr (kWarpSums && !kAdjointOnly) {
+          // (v < threads for i = 0, and v >= threads for i = 1: at most two segments per thread)
+          float acc = dD_vec[i];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) uu[i] = dd[i] = dy[i] = 0.f;
-      }
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) {
-        const int e = cc * kRow + t + i;
-        s_u[e] = uu[i];
-        s_d[e] = dd[i];
-        s_du[e] = dd[i] * uu[i];
-        s_dy[e] = dy[i];
-      }
-      if constexpr (kWarpSums && !kAdjointOnly) {
-        float acc = v < s.threads ? dD_vec[0] : dD_vec[1];
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc = fmaf(dy[i], uu[i], acc);  // zeros past the end
-        if (v < s.threads) dD_vec[0] = acc; else dD_vec[1] = acc;
+          for (int j = 0; j < kVec; ++j) acc = fmaf(dy[j], uu[j], acc);  // zeros past the end
+          dD_vec[i] = acc;
+        }
       }
     }
-    if (!kAdjointOnly && p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
-    if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+    if (pre_bc) {
+      if (tid < npad * (kChunk / kVec)) {
+        if (!kAdjointOnly && p.B.is_variable) store_bc_seg(rb, npad, tid, s_B);
+        if (p.C.is_variable) store_bc_seg(rc, npad, tid, s_C);
+      }
+    } else {
+      if (!kAdjointOnly && p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
+      if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+    }
     __syncthreads();
 
     const float* __restrict__ my_d = s_d + c * kRow;
@@ -225,11 +273,9 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           ys[kk] = y;
         }
         if (z_base) {
-          channel_sum_group(ys, tpc);
-          if (q == 0) {
-#pragma unroll
-            for (int kk = 0; kk < kSub; ++kk) s_y[c * kRow + sub * kSub + kk] = ys[kk];
-          }
+          int first;
+          const int count = channel_sum_steps<kTPC>(ys, tpc, q, first);
+          store_step_sums(ys, count, first, s_y + c * kRow + sub * kSub);
         }
       }
     }

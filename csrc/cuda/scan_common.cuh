@@ -53,17 +53,23 @@ __device__ __forceinline__ float decay_exp2(float t) {
   return fabsf(t) < 0.03125f ? s : e;
 }
 
+// log2(x) on the special-function unit (x >= 1 here).
+__device__ __forceinline__ float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // torch's softplus with threshold 20: max(x, 0) + log1p(exp(-|x|)), with log1p by its series
-// where the argument is small (the fast log loses relative accuracy near 1) and the fast log elsewhere.
+// where the argument is small (the fast log loses relative accuracy near 1) and the fast log
+// elsewhere. Above 20, exp(-x) < 2.1e-9 is below half an ulp of x, so the sum is x exactly, as the
+// threshold asks, without a test; below -87.3 exp(x) is subnormal and flushes to zero (torch
+// returns the subnormal). Both candidates are formed and one selected, without branches, so that
+// the staging loops that call this for a run of elements can interleave them.
 __device__ __forceinline__ float softplus(float x) {
-  if (x > 20.f) return x;
-  const float e = __expf(-fabsf(x));  // (0, 1]
-  float l;
-  if (e < 0.125f) {
-    l = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * (0.25f - e * (0.2f - e * (1.f / 6.f))))));
-  } else {
-    l = __logf(1.f + e);
-  }
+  const float e = fast_exp2(-fabsf(x) * kLog2e);  // (0, 1]
+  const float series = e * (1.f - e * (0.5f - e * (1.f / 3.f - e * (0.25f - e * (0.2f - e * (1.f / 6.f))))));
+  const float l = e < 0.125f ? series : fast_log2(1.f + e) * 0.6931471805599453f;
   return fmaxf(x, 0.f) + l;
 }
 
@@ -222,8 +228,16 @@ __device__ __forceinline__ void load_vec(const T* row, int t, int len, bool alig
 }
 
 template <typename input_t>
-__device__ __forceinline__ bool bc_fp32(const BCParams& bc) {
+__host__ __device__ __forceinline__ bool bc_fp32(const BCParams& bc) {
   return sizeof(input_t) == 4 || bc.type == ScalarKind::kFloat32;
+}
+
+// Segment v of a [kChunk][npad] tile: state n = v % npad, first step t = (v / npad) * kVec. npad
+// (threads per channel, a power of two, times 1, 4 or 8 states per thread) is a power of two, so
+// these are a mask and a shift rather than a division.
+__device__ __forceinline__ void tile_seg_pos(int v, int npad, int& n, int& t) {
+  n = v & (npad - 1);
+  t = (v >> (__ffs(npad) - 1)) * kVec;
 }
 
 // Segment v of the [kChunk][npad] tile of B or C for timesteps [t0, t0 + kChunk): state v % npad,
@@ -234,8 +248,8 @@ __device__ __forceinline__ RawSeg<T> load_bc_seg(const BCParams& bc, int64_t b, 
                                                  int dstate, int npad, int v) {
   RawSeg<T> s;
   zero_seg(s);
-  const int n = v % npad;
-  const int t = (v / npad) * kVec;
+  int n, t;
+  tile_seg_pos(v, npad, n, t);
   if (n < dstate) {
     const int64_t off = b * bc.batch_stride + g * bc.group_stride + t0 + n * bc.dstate_stride;
     // 16-byte loads need an aligned element offset; checked per segment.
@@ -248,8 +262,8 @@ __device__ __forceinline__ RawSeg<T> load_bc_seg(const BCParams& bc, int64_t b, 
 // Writes segment v into the fp32 tile dst[t * npad + n].
 template <typename T>
 __device__ __forceinline__ void store_bc_seg(const RawSeg<T>& s, int npad, int v, float* dst) {
-  const int n = v % npad;
-  const int t = (v / npad) * kVec;
+  int n, t;
+  tile_seg_pos(v, npad, n, t);
   // Consecutive threads take consecutive states, so that these transposed stores fall in different banks.
 #pragma unroll
   for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = seg_elem<T>(s.w, i);
@@ -299,12 +313,57 @@ __device__ __forceinline__ const float* bc_source(const BCParams& bc, float* til
 // Steps whose per-thread outputs are reduced over a channel's threads together.
 constexpr int kGroup = 8;
 
-template <int N>
-__device__ __forceinline__ void channel_sum_group(float (&x)[N], int tpc) {
-  for (int off = 1; off < tpc; off <<= 1) {
+// Sums the partial outputs x[0..kGroup) of kGroup steps over the tpc consecutive lanes of a
+// channel (tpc a power of two <= 32; q the lane's index among them) by a transposed butterfly:
+// at each of the first three levels a lane keeps half of its values and sends the other half, so
+// eight values take 4 + 2 + 1 shuffles instead of 8 per level; further levels (tpc 16, 32) add
+// the one value left. Afterwards the lane holds the sums of steps first .. first + count - 1 in
+// x[0 .. count), where first = 4 (q & 1) + 2 (q >> 1 & 1) + (q >> 2 & 1) over the levels run and
+// count = kGroup >> levels; with tpc > 8 the lanes q >= 8 repeat those of q - 8 (count 0 is
+// returned for them). The order of the additions is fixed, so the sums are the same on every run.
+// kTPC: tpc as a compile-time constant (the kernels' common layouts), or 0 to use tpc_runtime.
+template <int kTPC>
+__device__ __forceinline__ int channel_sum_steps(float (&x)[kGroup], int tpc_runtime, int q, int& first) {
+  static_assert(kGroup == 8, "the transposed butterfly below is written for eight steps");
+  const int tpc = kTPC > 0 ? kTPC : tpc_runtime;
+  first = 0;
+  int count = kGroup;
+  if (tpc >= 2) {
+    const bool hi = q & 1;
 #pragma unroll
-    for (int i = 0; i < N; ++i) x[i] += __shfl_xor_sync(0xffffffffu, x[i], off);
+    for (int k = 0; k < 4; ++k) {
+      const float keep = hi ? x[k + 4] : x[k], send = hi ? x[k] : x[k + 4];
+      x[k] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+    }
+    first += hi ? 4 : 0;
+    count = 4;
   }
+  if (tpc >= 4) {
+    const bool hi = q & 2;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const float keep = hi ? x[k + 2] : x[k], send = hi ? x[k] : x[k + 2];
+      x[k] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+    }
+    first += hi ? 2 : 0;
+    count = 2;
+  }
+  if (tpc >= 8) {
+    const bool hi = q & 4;
+    const float keep = hi ? x[1] : x[0], send = hi ? x[0] : x[1];
+    x[0] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+    first += hi ? 1 : 0;
+    count = 1;
+  }
+  for (int off = 8; off < tpc; off <<= 1) x[0] += __shfl_xor_sync(0xffffffffu, x[0], off);
+  return q < 8 ? count : 0;
+}
+
+// Writes the output sums of channel_sum_steps into row[t8 + first ..] (the channel's row of y).
+__device__ __forceinline__ void store_step_sums(const float (&x)[kGroup], int count, int first, float* row) {
+#pragma unroll
+  for (int k = 0; k < kGroup; ++k)
+    if (k < count) row[first + k] = x[k];
 }
 
 template <int N>

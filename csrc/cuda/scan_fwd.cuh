@@ -13,17 +13,35 @@ namespace cuda_detail {
 
 struct FwdFlags {
   bool u_aligned, delta_aligned, z_aligned, out_aligned;
+  // Software pipelining (below): the next chunk's u and delta (pre_ud) and B and C (pre_bc) are
+  // loaded into registers during this chunk. Decided by the launcher, so that the kernel reads
+  // them from its parameters instead of holding them in registers.
+  bool pre_ud, pre_bc;
 };
+
+// Whether the forward's next-chunk loads fit the registers (see FwdFlags): at most two u / delta /
+// z segments and one B and one C segment per thread; B or C in fp32 with 16-bit inputs loads when
+// staged (the registers hold the input type).
+template <typename input_t>
+void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
+  const int npad = s.tpc * s.spt;
+  f.pre_ud = s.cpb * (kChunk / kVec) <= 2 * s.threads;
+  auto fits = [](const BCParams& bc) { return !bc.is_variable || !bc_fp32<input_t>(bc) || sizeof(input_t) == 4; };
+  f.pre_bc = npad * (kChunk / kVec) <= s.threads && fits(p.B) && fits(p.C);
+}
 
 // kStateOnly: the first pass of a sequence split. Piece y starts from zero and writes its end state
 // E_y into checkpoint slot k1 (its last chunk + 1) and its decay exp(A sum_t delta_t) into slot
 // k1 - 1 (pieces span at least two chunks, so no other piece uses these slots before the full
 // pass rewrites them); no outputs.
-template <typename input_t, int kSPT, bool kStateOnly>
+// kTPC: 4 for the common layout (dstate 9-16: four threads per channel) with variable B and C, so
+// that the tile strides are compile-time constants; 0 for any layout (s.tpc).
+template <typename input_t, int kSPT, int kTPC, bool kStateOnly>
 __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
-  const int npad = s.tpc * kSPT;
+  const int tpc = kTPC > 0 ? kTPC : s.tpc;
+  const int npad = tpc * kSPT;
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
@@ -33,8 +51,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
-  const int c = tid / s.tpc;  // this thread's channel within the block
-  const int q = tid % s.tpc;  // which slice of the states
+  const int c = tid / tpc;  // this thread's channel within the block
+  const int q = tid % tpc;  // which slice of the states
   const int n0 = q * kSPT;
   const bool c_valid = c < rows.valid;
   const int64_t d = rows.d0 + (c_valid ? c : 0);
@@ -71,6 +89,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   int Bstep, Cstep;
   const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
   const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
+  if constexpr (kTPC > 0) Bstep = Cstep = npad;  // (variable B and C: the launcher checks)
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
   const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
   const input_t* z_base = p.z.ptr ? static_cast<const input_t*>(p.z.ptr) + rows.b * p.z.batch_stride : nullptr;
@@ -80,13 +99,22 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   const int vecs = s.cpb * (kChunk / kVec);  // segments of u, delta, z and out per chunk
   const int bc_vecs = npad * (kChunk / kVec);
   // Software pipelining: while a chunk is computed, the next chunk's u, delta, B and C and this
-  // chunk's z are in flight in registers, packed as loaded. That needs at most two u / delta / z
-  // segments and one B and one C segment per thread; larger shares load when staged.
-  const bool pre_ud = vecs <= 2 * s.threads;
-  // (B or C in fp32 with 16-bit inputs loads when staged: the registers hold the input type.)
-  const bool pre_bc = bc_vecs <= s.threads && (!p.B.is_variable || !bc_fp32<input_t>(p.B) || sizeof(input_t) == 4) &&
-                      (!p.C.is_variable || !bc_fp32<input_t>(p.C) || sizeof(input_t) == 4);
+  // chunk's z are in flight in registers, packed as loaded (FwdFlags says when they fit); larger
+  // shares load when staged.
+  const bool pre_ud = f.pre_ud;
+  const bool pre_bc = f.pre_bc;
   RawSeg<input_t> ru[2], rd[2], rz[2], rb, rc;
+  // delta_bias and D of the channels of this thread's segments v = tid, tid + threads (the same
+  // in every chunk), loaded once.
+  float seg_bias[2], seg_D[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int v = tid + i * s.threads;
+    const int cc = v / (kChunk / kVec);
+    const bool ok = v < vecs && cc < rows.valid;
+    seg_bias[i] = ok && delta_bias ? delta_bias[rows.d0 + cc] : 0.f;
+    seg_D[i] = ok && D ? D[rows.d0 + cc] : 0.f;
+  }
 
   auto chunk_len = [&](int64_t k) {
     return static_cast<int>(p.seqlen - k * kChunk < kChunk ? p.seqlen - k * kChunk : kChunk);
@@ -112,31 +140,44 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     }
   };
   // Stages u, d = softplus(delta + bias) and d * u (zeros past the end, so padded steps leave the
-  // state unchanged) from the loaded segments.
+  // state unchanged) from the loaded segments. The softplus of both segments runs in one branch:
+  // sixteen independent evaluations that the compiler interleaves.
   auto stage_ud = [&](int64_t k, int first) {
     const int len = chunk_len(k);
+    float x[2][kVec];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int v = first + tid + i * s.threads;
+      const int cc = v / (kChunk / kVec);
+      const float bias = first == 0                               ? seg_bias[i]
+                         : v < vecs && cc < rows.valid && delta_bias ? delta_bias[rows.d0 + cc]
+                                                                     : 0.f;
+      seg_floats(rd[i], x[i]);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[i][j] += bias;
+    }
+    if (p.delta_softplus) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) x[i][j] = softplus(x[i][j]);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int v = first + tid + i * s.threads;
       if (v >= vecs) continue;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
-      float uu[kVec], dd[kVec];
-      seg_floats(ru[i], uu);
-      seg_floats(rd[i], dd);
       const bool cv = cc < rows.valid;
-      const float bias = (cv && delta_bias) ? delta_bias[rows.d0 + cc] : 0.f;
+      float uu[kVec];
+      seg_floats(ru[i], uu);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        float x = dd[j] + bias;
-        if (p.delta_softplus) x = softplus(x);
-        dd[j] = (cv && t + j < len) ? x : 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
+        const float dd = (cv && t + j < len) ? x[i][j] : 0.f;
         s_u[cc * kRow + t + j] = uu[j];
-        s_d[cc * kRow + t + j] = dd[j];
-        s_du[cc * kRow + t + j] = dd[j] * uu[j];
+        s_d[cc * kRow + t + j] = dd;
+        s_du[cc * kRow + t + j] = dd * uu[j];
       }
     }
   };
@@ -233,11 +274,9 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
         }
         ys[i] = y;
       }
-      channel_sum_group(ys, s.tpc);
-      if (q == 0) {
-#pragma unroll
-        for (int i = 0; i < kGroup; ++i) s_y[c * kRow + t8 + i] = ys[i];
-      }
+      int first;
+      const int count = channel_sum_steps<kTPC>(ys, tpc, q, first);
+      store_step_sums(ys, count, first, s_y + c * kRow + t8);
     }
     __syncthreads();
 
@@ -250,7 +289,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
         const int t = (v % (kChunk / kVec)) * kVec;
         if (v >= vecs || cc >= rows.valid || t >= len) continue;
         const int64_t dc = rows.d0 + cc;
-        const float Dd = D ? D[dc] : 0.f;
+        const float Dd = first == 0 ? seg_D[i] : D ? D[dc] : 0.f;
         float y[kVec];
 #pragma unroll
         for (int j = 0; j < kVec; ++j) y[j] = fmaf(Dd, s_u[cc * kRow + t + j], s_y[cc * kRow + t + j]);
@@ -313,22 +352,31 @@ namespace cuda_detail {
 template <typename input_t>
 void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stream) {
   const int esize = sizeof(input_t);
-  const FwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
-                   p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, esize)};
+  FwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
+             p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, esize), false, false};
+  fwd_prefetch_flags<input_t>(p, s, f);
   const int smem = fwd_smem_floats(s) * static_cast<int>(sizeof(float));
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   dispatch_spt(s.spt, [&](auto spt) {
     constexpr int kSPT = decltype(spt)::value;
     if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
       if (s.seq_splits > 1) {
-        launch_checked(scan_fwd_kernel<input_t, kSPT, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
+        launch_checked(scan_fwd_kernel<input_t, kSPT, 0, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
                        s.threads, smem, stream, "scan_fwd_kernel (state-only) launch", p, s, f);
         launch_checked(scan_fwd_combine_kernel, per_state_grid(p), 256, 0, stream, "scan_fwd_combine_kernel launch", p,
                        s);
       }
     }
-    launch_checked(scan_fwd_kernel<input_t, kSPT, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
-                   s.threads, smem, stream, "scan_fwd_kernel launch", p, s, f);
+    const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
+    if constexpr (kSPT == 4) {
+      if (s.tpc == 4 && p.B.is_variable && p.C.is_variable) {
+        launch_checked(scan_fwd_kernel<input_t, kSPT, 4, false>, grid, s.threads, smem, stream,
+                       "scan_fwd_kernel launch", p, s, f);
+        return;
+      }
+    }
+    launch_checked(scan_fwd_kernel<input_t, kSPT, 0, false>, grid, s.threads, smem, stream, "scan_fwd_kernel launch", p,
+                   s, f);
   });
 }
 
