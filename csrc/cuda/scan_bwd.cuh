@@ -364,19 +364,19 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
             s_u[e] = fmaf(ut, sB, sA);
             s_du[e] = fmaf(dyt, D_row, dt * sB);
           }
-          // dB / dC summed over the warp's channels (invalid channels contribute zeros).
+          // dB / dC summed over the warp's channels (invalid channels contribute zeros) for
+          // variable B / C, and over time per thread for time-invariant ones. The warp sums run
+          // for both forms, without branches, so that the compiler interleaves the two
+          // butterflies; the flush and the per-row store below take the form that applies.
           const int wrow = (warp * kSub + kk) * (npad + kWarpRowPad);
-          if (p.B.is_variable) {
-            warp_channel_sums<kTPC>(dBt, lane, n0, s_wB + wrow);
-          } else {
+          warp_channel_sums<kTPC>(dBt, lane, n0, s_wB + wrow);
+          warp_channel_sums<kTPC>(dCt, lane, n0, s_wC + wrow);
+          if (!p.B.is_variable || !p.C.is_variable) {
 #pragma unroll
-            for (int j = 0; j < kSPT; ++j) dB_acc[j] += dBt[j];
-          }
-          if (p.C.is_variable) {
-            warp_channel_sums<kTPC>(dCt, lane, n0, s_wC + wrow);
-          } else {
-#pragma unroll
-            for (int j = 0; j < kSPT; ++j) dC_acc[j] += dCt[j];
+            for (int j = 0; j < kSPT; ++j) {
+              dB_acc[j] += dBt[j];
+              dC_acc[j] += dCt[j];
+            }
           }
           continue;
         }
@@ -396,18 +396,23 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
       __syncthreads();
 
       if constexpr (kWarpSums) {
-        // dB / dC of the sub-chunk: the block's warps summed in warp order; eight consecutive
-        // threads take eight consecutive steps of one state (32-byte stores).
+        // dB / dC of the sub-chunk: the block's warps (at most four: blocks have at most 128
+        // threads) summed in warp order; eight consecutive threads take eight consecutive steps of
+        // one state (32-byte stores).
+        constexpr int kNpad = kTPC * kSPT;
+        constexpr int kWarpRows = kSub * (kNpad + kWarpRowPad);  // one warp's buffer
         const int nwarps = s.threads / 32;
-        for (int o = tid; o < 2 * kSub * npad; o += s.threads) {
-          const bool is_C = o >= kSub * npad;
-          const int oc = is_C ? o - kSub * npad : o;
+        for (int o = tid; o < 2 * kSub * kNpad; o += s.threads) {
+          const bool is_C = o >= kSub * kNpad;
+          const int oc = is_C ? o - kSub * kNpad : o;
           const int n = oc / kSub, kk = oc % kSub;
           const int t = sub * kSub + kk;
           if (!(is_C ? p.C.is_variable : p.B.is_variable) || t >= len || n >= dstate) continue;
-          const float* buf = (is_C ? s_wC : s_wB) + kk * (npad + kWarpRowPad) + n;
+          const float* buf = (is_C ? s_wC : s_wB) + kk * (kNpad + kWarpRowPad) + n;
           float acc = 0.f;
-          for (int w = 0; w < nwarps; ++w) acc += buf[w * kSub * (npad + kWarpRowPad)];
+#pragma unroll
+          for (int w = 0; w < 4; ++w)
+            if (w < nwarps) acc += buf[w * kWarpRows];
           (is_C ? dC_chunk : dB_chunk)[n * p.seqlen + t] = acc;
         }
         __syncthreads();
