@@ -34,7 +34,9 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
 // kAdjointOnly: the first pass of a sequence split, over pieces 1.. (blockIdx.y + 1): from a zero
 // adjoint at the piece's end, the adjoint carried out of its first step (F) and the piece's decay
 // exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
-template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly>
+// kVarBC: B and C both variable (only C for the adjoint-only pass, which reads no B), so that
+// their tile strides are compile-time constants (instantiated with kTPC 4, the common layout).
+template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly, bool kVarBC = false>
 __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
                                 const ScanBwdPartials parts) {
   const ScanParams& p = bp.fwd;
@@ -54,7 +56,7 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
   float* s_du = s_d + s.cpb * kRow;   // d * u, then d(loss)/du once a sub-chunk is done
   float* s_dy = s_du + s.cpb * kRow;  // dout * silu(z)
   float* s_hck = s_dy + s.cpb * kRow;
-  float* s_y = s_hck + L.hck;           // forward-recompute phase: outputs y [cpb][kRow]
+  float* s_y = s_hck + L.hck;           // staging and forward recompute: dout silu'(z), then dz [cpb][kRow]
   float* s_sA = s_y;                    // reverse phase: per-thread sums over states
   float* s_sB = s_sA + kSub * s.threads;
   float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
@@ -105,6 +107,7 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
   int Bstep, Cstep;
   const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
   const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
+  if constexpr (kVarBC) Bstep = Cstep = npad;  // (the launcher checks the forms)
   float dD_acc = 0.f, dbias_acc = 0.f;
   // kWarpSums: dD and d(delta_bias) accumulated per staged vector of 8 steps; a thread stages the
   // same vectors (v = tid and tid + threads, at most two: kChunk / kVec * cpb <= 2 * threads) of
@@ -196,7 +199,12 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           float zz[kVec];
           seg_floats(rz[i], zz);
 #pragma unroll
-          for (int j = 0; j < kVec; ++j) dy[j] *= zz[j] * sigmoid(zz[j]);
+          for (int j = 0; j < kVec; ++j) {
+            const float sg = sigmoid(zz[j]);
+            // dout silu'(z) into the y row, where the chunk recompute turns it into dz.
+            if (!kAdjointOnly && cc < rows.valid) s_y[cc * kRow + t + j] = dy[j] * sg * (1.f + zz[j] * (1.f - sg));
+            dy[j] *= zz[j] * sg;
+          }
         }
         const bool cv = cc < rows.valid;
 #pragma unroll
@@ -273,32 +281,32 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           ys[kk] = y;
         }
         if (z_base) {
+          // dz_t = dout_t silu'(z_t) (y_t + D u_t), formed by the lane that holds the step's sum
+          // over states (each step of the channel has one such lane).
           int first;
           const int count = channel_sum_steps<kTPC>(ys, tpc, q, first);
-          store_step_sums(ys, count, first, s_y + c * kRow + sub * kSub);
+#pragma unroll
+          for (int i = 0; i < kSub; ++i) {
+            if (i < count) {
+              const int e = c * kRow + sub * kSub + first + i;
+              s_y[e] *= fmaf(D_row, s_u[e], ys[i]);
+            }
+          }
         }
       }
     }
     __syncthreads();
 
-    // dz = dout * y * silu'(z), with y the output before gating.
+    // Store dz of the chunk (the y row).
     if (z_base) {
       for (int v = tid; v < vecs; v += s.threads) {
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
         if (cc >= rows.valid || t >= len) continue;
-        const int64_t dc = rows.d0 + cc;
-        const float Dd = D ? D[dc] : 0.f;
-        float zz[kVec], go[kVec], dz[kVec];
-        load_vec(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned, zz);
-        load_vec(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned, go);
+        float dz[kVec];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          const float y = fmaf(Dd, s_u[cc * kRow + t + i], s_y[cc * kRow + t + i]);
-          const float sg = sigmoid(zz[i]);
-          dz[i] = go[i] * y * sg * (1.f + zz[i] * (1.f - sg));
-        }
-        store_vec(dz_base + dc * bp.dz.dim_stride + t0, t, len, f.grads_aligned, dz);
+        for (int j = 0; j < kVec; ++j) dz[j] = s_y[cc * kRow + t + j];
+        store_vec(dz_base + (rows.d0 + cc) * bp.dz.dim_stride + t0, t, len, f.grads_aligned, dz);
       }
       __syncthreads();
     }
@@ -616,17 +624,31 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   const auto launch = [&](auto spt, auto tpc) {
     constexpr int kSPT = decltype(spt)::value, kTPC = decltype(tpc)::value;
+    // The constant-stride kernels (kVarBC) at the common layout, four threads per channel.
+    constexpr bool kCommon = kTPC == 4;
     if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
       if (s.seq_splits > 1) {
         if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
-        launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
-                       s.threads, smem, stream, "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
+        const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits - 1));
+        if (kCommon && p.C.is_variable) {
+          launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true, kCommon>, grid, s.threads, smem, stream,
+                         "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
+        } else {
+          launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true>, grid, s.threads, smem, stream,
+                         "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
+        }
         launch_checked(scan_bwd_combine_kernel, per_state_grid(p), 256, 0, stream, "scan_bwd_combine_kernel launch",
                        bp, s, parts.piece_adjoints);
       }
     }
-    launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false>, dim3(blocks, static_cast<unsigned>(s.seq_splits)),
-                   s.threads, smem, stream, "scan_bwd_kernel launch", bp, s, f, parts);
+    const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
+    if (kCommon && p.B.is_variable && p.C.is_variable) {
+      launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, kCommon>, grid, s.threads, smem, stream,
+                     "scan_bwd_kernel launch", bp, s, f, parts);
+    } else {
+      launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false>, grid, s.threads, smem, stream,
+                     "scan_bwd_kernel launch", bp, s, f, parts);
+    }
   };
   if (bwd_warp_sums(s)) {
     constexpr std::integral_constant<int, 4> four;

@@ -34,8 +34,9 @@ void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
 // E_y into checkpoint slot k1 (its last chunk + 1) and its decay exp(A sum_t delta_t) into slot
 // k1 - 1 (pieces span at least two chunks, so no other piece uses these slots before the full
 // pass rewrites them); no outputs.
-// kTPC: 4 for the common layout (dstate 9-16: four threads per channel) with variable B and C, so
-// that the tile strides are compile-time constants; 0 for any layout (s.tpc).
+// kTPC: 4 for the common layout (dstate 9-16: four threads per channel) with variable B and C
+// (variable B for the state-only pass, which reads no C), so that the tile strides are
+// compile-time constants; 0 for any layout (s.tpc).
 template <typename input_t, int kSPT, int kTPC, bool kStateOnly>
 __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
   extern __shared__ float4 smem_f4[];
@@ -228,6 +229,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       // The piece's end state from zero and its summed delta; no outputs.
       const float* __restrict__ my_d = s_d + c * kRow;
       const float* __restrict__ my_du = s_du + c * kRow;
+#pragma unroll 8
       for (int t = 0; t < kChunk; ++t) {
         const float dt = my_d[t];
         const float dut = my_du[t];
@@ -361,8 +363,15 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
     constexpr int kSPT = decltype(spt)::value;
     if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
       if (s.seq_splits > 1) {
-        launch_checked(scan_fwd_kernel<input_t, kSPT, 0, true>, dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)),
-                       s.threads, smem, stream, "scan_fwd_kernel (state-only) launch", p, s, f);
+        const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits - 1));
+        constexpr int kTPCState = kSPT == 4 ? 4 : 0;
+        if (kTPCState > 0 && s.tpc == 4 && p.B.is_variable) {  // (the state-only pass reads no C)
+          launch_checked(scan_fwd_kernel<input_t, kSPT, kTPCState, true>, grid, s.threads, smem, stream,
+                         "scan_fwd_kernel (state-only) launch", p, s, f);
+        } else {
+          launch_checked(scan_fwd_kernel<input_t, kSPT, 0, true>, grid, s.threads, smem, stream,
+                         "scan_fwd_kernel (state-only) launch", p, s, f);
+        }
         launch_checked(scan_fwd_combine_kernel, per_state_grid(p), 256, 0, stream, "scan_fwd_combine_kernel launch", p,
                        s);
       }
