@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   int Bstep, Cstep;
   const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
   const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
-  if constexpr (kTPC > 0) Bstep = Cstep = npad;  // (variable B and C: the launcher checks)
+  if constexpr (kTPC > 0) Bstep = Cstep = npad;  // (variable B, and C in the full pass: the launcher checks)
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
   const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
   const input_t* z_base = p.z.ptr ? static_cast<const input_t*>(p.z.ptr) + rows.b * p.z.batch_stride : nullptr;
