@@ -70,10 +70,16 @@ def test_very_long_sequences(seqlen):
     _check_against_cpu_op(kw)
 
 
+@pytest.mark.parametrize("pieces", ["auto", "1"], ids=["split", "one_pass"])
 @pytest.mark.parametrize("seqlen", [16384, 65536])
-def test_tiny_delta_long(seqlen):
+def test_tiny_delta_long(monkeypatch, seqlen, pieces):
     """|d * A| <= 1e-4: exp(d * A) is within 1e-4 of 1 and the state integrates over the whole
-    sequence."""
+    sequence, so any bias of the per-step decays would compound over all steps (the kernels correct
+    what each chunk carries over). With the sequence split (these 8 rows take it) and in one pass."""
+    if pieces == "auto":
+        monkeypatch.delenv("SELECTIVE_SCAN_SEQ_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", pieces)
     kw = make_inputs(device="cuda", batch=1, dim=8, seqlen=seqlen, dstate=16, B_form="var",
                      C_form="var", delta_scale=2e-5, A_range=(-1.0, 1.6), initial_state=True,
                      seed=94)

@@ -243,25 +243,44 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
     if (kAdjointOnly && k >= k_begin) {  // (always true in the loop; spelled so that the full pass's
                                           // code below does not read as unreachable to the front end)
       // g_t = C_t dy_t + a_{t+1} g_{t+1}, carried as G = a_t g_t; padded steps (d = 0, dy = 0)
-      // leave it unchanged.
+      // leave it unchanged. The adjoint carried out of the chunk is corrected to the chunk's
+      // accurately formed decay (carried_decay_error).
+      float G_in[kSPT], G_decayed[kSPT];
+      float dsum = 0.f;
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) G_in[j] = G_decayed[j] = G[j];
       for (int t = kChunk - 1; t >= 0; --t) {
         const float dt = my_d[t], dyt = my_dy[t];
         float Ct[kSPT];
         load_smem<kSPT>(Csrc + t * Cstep, Ct);
 #pragma unroll
-        for (int j = 0; j < kSPT; ++j) G[j] = decay_exp2(dt * A2[j]) * fmaf(dyt, Ct[j], G[j]);
-        delta_sum += dt;
+        for (int j = 0; j < kSPT; ++j) {
+          const float a = fast_exp2(dt * A2[j]);
+          G_decayed[j] *= a;
+          G[j] = a * fmaf(dyt, Ct[j], G[j]);
+        }
+        dsum += dt;
       }
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) G[j] += carried_decay_error(A2[j], dsum, G_in[j], G_decayed[j]);
+      delta_sum += dsum;
       __syncthreads();
       continue;
     }
 
     // Forward recompute from the checkpoint: the state at each sub-chunk start, and (for dz) the
-    // per-thread partial outputs.
+    // per-thread partial outputs, with the forward's per-step decays. Alongside, the adjoint
+    // entering the chunk carried through those decays alone and the chunk's summed d: the adjoint
+    // is corrected where it enters the chunk so that it leaves multiplied by the chunk's accurately
+    // formed decay (carried_decay_error_at_entry).
     {
-      float h[kSPT];
+      float h[kSPT], G_decayed[kSPT];
+      float dsum = 0.f;
 #pragma unroll
-      for (int j = 0; j < kSPT; ++j) h[j] = (n0 + j < dstate) ? ckpt[k * dstate + n0 + j] : 0.f;
+      for (int j = 0; j < kSPT; ++j) {
+        h[j] = (n0 + j < dstate) ? ckpt[k * dstate + n0 + j] : 0.f;
+        G_decayed[j] = G[j];
+      }
       for (int sub = 0; sub < kChunk / kSub; ++sub) {
         store_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h);
         float ys[kSub];
@@ -275,10 +294,13 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           float y = 0.f;
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
-            h[j] = fmaf(decay_exp2(dt * A2[j]), h[j], dut * Bt[j]);
+            const float a = fast_exp2(dt * A2[j]);
+            G_decayed[j] *= a;
+            h[j] = fmaf(a, h[j], dut * Bt[j]);
             y = fmaf(Ct[j], h[j], y);
           }
           ys[kk] = y;
+          dsum += dt;
         }
         if (z_base) {
           // dz_t = dout_t silu'(z_t) (y_t + D u_t), formed by the lane that holds the step's sum
@@ -294,6 +316,8 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           }
         }
       }
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) G[j] += carried_decay_error_at_entry(A2[j], dsum, G[j], G_decayed[j]);
     }
     __syncthreads();
 
@@ -327,7 +351,7 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           load_smem<kSPT>(Bsrc + t * Bstep, Bt);
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
-            as[kk][j] = decay_exp2(dt * A2[j]);
+            as[kk][j] = fast_exp2(dt * A2[j]);
             h[j] = fmaf(as[kk][j], h[j], dut * Bt[j]);
             hs[kk][j] = h[j];
           }

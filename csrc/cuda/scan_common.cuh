@@ -53,6 +53,33 @@ __device__ __forceinline__ float decay_exp2(float t) {
   return fabsf(t) < 0.03125f ? s : e;
 }
 
+// Inside a chunk the kernels take each step's decay from the special-function unit alone
+// (fast_exp2): its error is tiny but not centred, and it compounds only over the chunk's kChunk
+// steps. What is carried from one chunk to the next (the state forward, the adjoint backward) is
+// corrected to the chunk's decay formed once from the chunk's summed d, exp2(A2 * dsum) by
+// decay_exp2, so that over long memories the state decays by accurately formed factors
+// (docs/design.md, "Decays near 1"). x_in: the carried value entering the chunk; x_decayed: x_in
+// multiplied by the chunk's per-step decays one at a time, in the order the recurrence applies
+// them (so that its roundings follow those of the recurrence; a product started from 1 would
+// round with a bias of its own). Returns exp2(A2 * dsum) x_in - x_decayed, the amount to add to
+// the carried value; 0 where the two differ by more than a rounding-level amount (an overflow, or
+// a chunk that decays so far that nothing carries over), which leaves the per-step decays in use.
+__device__ __forceinline__ float carried_decay_error(float A2, float dsum, float x_in, float x_decayed) {
+  const float exact = decay_exp2(A2 * dsum);
+  const float err = fmaf(exact, x_in, -x_decayed);
+  return fabsf(err) < 1e-3f * fabsf(exact * x_in) ? err : 0.f;
+}
+
+// The same correction divided by exp2(A2 * dsum), to be added where the carried value enters the
+// chunk rather than where it leaves (the backward forms x_decayed before the pass that carries
+// the adjoint through the chunk); the division by a decay that is not small (else the result is
+// 0) keeps it accurate to far below the rounding of the values it corrects.
+__device__ __forceinline__ float carried_decay_error_at_entry(float A2, float dsum, float x_in, float x_decayed) {
+  const float exact = decay_exp2(A2 * dsum);
+  const float err = fmaf(exact, x_in, -x_decayed);
+  return fabsf(err) < 1e-3f * fabsf(exact * x_in) ? __fdividef(err, exact) : 0.f;
+}
+
 // log2(x) on the special-function unit (x >= 1 here).
 __device__ __forceinline__ float fast_log2(float x) {
   float y;

@@ -225,6 +225,17 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       if (pre_ud) load_ud(k + 1, 0);
       if (pre_bc) load_bc(k + 1);
     }
+    // The chunk's start state, that state carried through the per-step decays alone, and the
+    // chunk's summed d: the state carried out of the chunk is corrected with them
+    // (carried_decay_error).
+    float h_in[kSPT], h_decayed[kSPT];
+    float dsum = 0.f;
+#pragma unroll
+    for (int j = 0; j < kSPT; ++j) h_in[j] = h_decayed[j] = h[j];
+    auto correct_carried_state = [&]() {
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) h[j] += carried_decay_error(A2[j], dsum, h_in[j], h_decayed[j]);
+    };
     if (kStateOnly) {
       // The piece's end state from zero and its summed delta; no outputs.
       const float* __restrict__ my_d = s_d + c * kRow;
@@ -236,9 +247,15 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
         float Bt[kSPT];
         load_smem<kSPT>(Bsrc + t * Bstep, Bt);
 #pragma unroll
-        for (int j = 0; j < kSPT; ++j) h[j] = fmaf(decay_exp2(dt * A2[j]), h[j], dut * Bt[j]);
-        delta_sum += dt;
+        for (int j = 0; j < kSPT; ++j) {
+          const float a = fast_exp2(dt * A2[j]);
+          h_decayed[j] *= a;
+          h[j] = fmaf(a, h[j], dut * Bt[j]);
+        }
+        dsum += dt;
       }
+      correct_carried_state();
+      delta_sum += dsum;
       __syncthreads();
       continue;
     }
@@ -254,7 +271,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     }
 
     // The recurrence over the chunk, one exp per (step, state), in groups of kGroup steps whose
-    // outputs are summed over the channel's threads together (independent shuffles).
+    // outputs are summed over the channel's threads together (independent shuffles). The outputs
+    // use the per-step decays; the state carried to the next chunk is corrected afterwards.
     const float* __restrict__ my_d = s_d + c * kRow;
     const float* __restrict__ my_du = s_du + c * kRow;
     for (int t8 = 0; t8 < kChunk; t8 += kGroup) {
@@ -270,16 +288,19 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
         float y = 0.f;
 #pragma unroll
         for (int j = 0; j < kSPT; ++j) {
-          const float a = decay_exp2(dt * A2[j]);
+          const float a = fast_exp2(dt * A2[j]);
+          h_decayed[j] *= a;
           h[j] = fmaf(a, h[j], dut * Bt[j]);
           y = fmaf(Ct[j], h[j], y);
         }
         ys[i] = y;
+        dsum += dt;
       }
       int first;
       const int count = channel_sum_steps<kTPC>(ys, tpc, q, first);
       store_step_sums(ys, count, first, s_y + c * kRow + t8);
     }
+    correct_carried_state();
     __syncthreads();
 
     // Sum the partial outputs of each channel's threads, add D u, gate with silu(z), store.
