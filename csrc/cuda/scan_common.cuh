@@ -46,7 +46,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // third order, 1 + t (ln2 + t (ln2^2/2 + t ln2^3/6)) in one fused chain (truncation below 1e-8, so
 // the decay is 1 + m with m = 2^t - 1 accurate to a few 1e-7 relative): decays near 1 compound over
 // long memories, and the special-function unit's absolute error of about 1e-7 there would be a
-// large relative error in m. Elsewhere on the special-function unit.
+// large relative error in m. Elsewhere on the special-function unit. Used where a decay is carried
+// on by itself: a chunk's decay (carried_decay_error below) and the decode step's.
 __device__ __forceinline__ float decay_exp2(float t) {
   const float e = fast_exp2(t);
   const float s = fmaf(t, fmaf(t, fmaf(t, 0.05550410866482158f, 0.2402265069591007f), 0.6931471805599453f), 1.f);
