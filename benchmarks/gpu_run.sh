@@ -1,5 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the extension (sm_90, timed), then run the selected stages:
+#   build  - nothing after the build (the build alone, e.g. before a stage run in a later call)
+#   ab     - same-run timing against a baseline tree: AB_BASELINE (default build/baseline.tar, made with
+#            `git archive <commit> -o build/baseline.tar` and carried to the machine) is unpacked and
+#            built in the background while this tree builds; then cuda_quickcheck.py --timing-only
+#            runs baseline, this tree, baseline, this tree, and a table compares the medians
 #   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice;
 #            QUICK_SPT lists the choices, default "auto 4")
 #   tests  - the CUDA tests (pytest -m cuda; CUDA_TESTS narrows them, e.g. tests/test_state_update.py)
@@ -19,6 +24,16 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 
+AB_BASELINE=${AB_BASELINE:-build/baseline.tar}
+AB_DIR=/tmp/selective_scan_baseline
+ab_pid=
+if [[ " ${stages[*]} " == *" ab "* ]]; then
+  if [ ! -f "$AB_BASELINE" ]; then echo "ab: $AB_BASELINE not found"; exit 1; fi
+  rm -rf "$AB_DIR" && mkdir -p "$AB_DIR" && tar -xf "$AB_BASELINE" -C "$AB_DIR"
+  ( cd "$AB_DIR" && python3 setup.py build_ext --inplace > "$OUT/ab_baseline_build.log" 2>&1 ) &
+  ab_pid=$!
+fi
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$(date +%s.%N)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
@@ -30,6 +45,16 @@ python3 -c "import selective_scan, torch; print(selective_scan.build_info(), tor
 rc=0
 for stage in "${stages[@]}"; do
   case "$stage" in
+    build) ;;
+    ab)
+      if ! wait "$ab_pid"; then tail -30 "$OUT/ab_baseline_build.log"; rc=1; continue; fi
+      for run in 1 2; do
+        PYTHONPATH="$AB_DIR/python" python3 benchmarks/cuda_quickcheck.py --timing-only \
+          --out "$OUT/ab_base_$run.json" > "$OUT/ab_base_$run.log" 2>&1 || rc=1
+        python3 benchmarks/cuda_quickcheck.py --timing-only --out "$OUT/ab_new_$run.json" \
+          > "$OUT/ab_new_$run.log" 2>&1 || rc=1
+      done
+      python3 benchmarks/ab_table.py "$OUT"/ab_base_{1,2}.json -- "$OUT"/ab_new_{1,2}.json | tee "$OUT/ab.txt" ;;
     quick)
       for spt in ${QUICK_SPT:-auto 4}; do
         if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; else export SELECTIVE_SCAN_SPT=$spt; fi

@@ -91,3 +91,30 @@ def test_gpu_cases_cover_the_sweeps():
     assert any(s[0] == 1 for s, _ in off) and any(dt == "fp16" for _, dt in off)
     anchors = bench.bench_cases(bench.GPU_SHAPES, ["fp32", "bf16"], sweeps=False)
     assert len(anchors) == 2 * len(bench.GPU_SHAPES) and all(suite == "anchor" for _, _, suite in anchors)
+
+
+def test_ab_table_compares_run_means(tmp_path, capsys):
+    """The `ab` stage's table: per shape, dtype and direction, each run's median and the change of
+    the new build's mean against the baseline's; shapes only one side timed are left out."""
+    spec = importlib.util.spec_from_file_location("ab_table", os.path.join(ROOT, "benchmarks", "ab_table.py"))
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+
+    def write(name, fwd, bwd, extra=False):
+        timings = [{"shape": [8, 1536, 2048, 16], "dtype": "torch.bfloat16", "fwd_us": fwd, "bwd_us": bwd}]
+        if extra:
+            timings.append({"shape": [1, 2, 3, 4], "dtype": "torch.float32", "fwd_us": 1.0, "bwd_us": 2.0})
+        path = tmp_path / name
+        path.write_text(json.dumps({"timings": timings}))
+        return str(path)
+
+    base = [write("b1.json", 400.0, 1000.0), write("b2.json", 420.0, 1100.0, extra=True)]
+    new = [write("n1.json", 300.0, 1200.0), write("n2.json", 315.0, 1320.0)]
+    ab.main(base + ["--"] + new)
+    rows = {tuple(line.split()[:3]): line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == {("8x1536x2048x16", "bfloat16", "fwd"), ("8x1536x2048x16", "bfloat16", "bwd")}
+    fwd, bwd = rows[("8x1536x2048x16", "bfloat16", "fwd")], rows[("8x1536x2048x16", "bfloat16", "bwd")]
+    assert "400 420" in fwd and "300 315" in fwd and fwd.endswith("-25.0%")
+    assert "1000 1100" in bwd and "1200 1320" in bwd and bwd.endswith("+20.0%")
+    with pytest.raises(SystemExit):
+        ab.main(base)
