@@ -54,7 +54,11 @@ for stage in "${stages[@]}"; do
         python3 benchmarks/cuda_quickcheck.py --timing-only --out "$OUT/ab_new_$run.json" \
           > "$OUT/ab_new_$run.log" 2>&1 || rc=1
       done
-      python3 benchmarks/ab_table.py "$OUT"/ab_base_{1,2}.json -- "$OUT"/ab_new_{1,2}.json | tee "$OUT/ab.txt" ;;
+      if [ -f "$OUT/ab_base_2.json" ] && [ -f "$OUT/ab_new_2.json" ]; then
+        python3 benchmarks/ab_table.py "$OUT"/ab_base_{1,2}.json -- "$OUT"/ab_new_{1,2}.json | tee "$OUT/ab.txt"
+      else
+        echo "ab: a timing run failed (logs: $OUT/ab_*.log)"; tail -5 "$OUT"/ab_*_1.log
+      fi ;;
     quick)
       for spt in ${QUICK_SPT:-auto 4}; do
         if [ "$spt" = auto ]; then unset SELECTIVE_SCAN_SPT; else export SELECTIVE_SCAN_SPT=$spt; fi
