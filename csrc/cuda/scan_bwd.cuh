@@ -441,10 +441,13 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           const int t = sub * kSub + kk;
           if (!(is_C ? p.C.is_variable : p.B.is_variable) || t >= len || n >= dstate) continue;
           const float* buf = (is_C ? s_wC : s_wB) + kk * (kNpad + kWarpRowPad) + n;
+          // All four loads first, so that they are in flight together.
+          float part[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) part[w] = w < nwarps ? buf[w * kWarpRows] : 0.f;
           float acc = 0.f;
 #pragma unroll
-          for (int w = 0; w < 4; ++w)
-            if (w < nwarps) acc += buf[w * kWarpRows];
+          for (int w = 0; w < 4; ++w) acc += part[w];
           (is_C ? dC_chunk : dB_chunk)[n * p.seqlen + t] = acc;
         }
         __syncthreads();

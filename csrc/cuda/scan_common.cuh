@@ -110,7 +110,9 @@ __device__ __forceinline__ float softplus_grad_from_value(float d) {
   return d > 20.f ? 1.f : 1.f - __expf(-d);
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+// sigmoid(x) with the fast reciprocal (2 ulp; no IEEE division with its range test and slow path
+// per element). For x below about -88, exp(-x) overflows to inf and the result is 0.
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 template <typename T>
 __device__ __forceinline__ void store_vec(T* row, int t, int len, bool aligned, const float (&v)[kVec]) {
@@ -218,6 +220,16 @@ __device__ __forceinline__ float seg_elem(const uint4* w, int i) {
   }
 }
 
+// Elements [t, t + kVec) of a row, all inside it and 16-byte aligned: vector loads only (what the
+// forward keeps in flight during a chunk, see FwdFlags).
+template <typename T>
+__device__ __forceinline__ RawSeg<T> load_seg_whole(const T* row, int t) {
+  RawSeg<T> s;
+#pragma unroll
+  for (int i = 0; i < RawSeg<T>::kWords; ++i) s.w[i] = reinterpret_cast<const uint4*>(row + t)[i];
+  return s;
+}
+
 // Elements [t, t + kVec) of a row (zeros past `len`); 16-byte loads when `aligned` (row start
 // 16-byte aligned) and the segment is whole.
 template <typename T>
@@ -287,6 +299,19 @@ __device__ __forceinline__ RawSeg<T> load_bc_seg(const BCParams& bc, int64_t b, 
   return s;
 }
 
+// The same for a whole chunk of rows known to be 16-byte aligned: vector loads only, and always
+// issued, padded states (n >= dstate) reading state dstate - 1's row, which their staging replaces
+// by zeros (store_bc_seg_whole), so that no register is cleared while the loads are in flight.
+template <typename T>
+__device__ __forceinline__ RawSeg<T> load_bc_seg_whole(const BCParams& bc, int64_t b, int64_t g, int64_t t0,
+                                                       int dstate, int npad, int v) {
+  int n, t;
+  tile_seg_pos(v, npad, n, t);
+  n = n < dstate ? n : dstate - 1;
+  return load_seg_whole(static_cast<const T*>(bc.ptr) + b * bc.batch_stride + g * bc.group_stride + t0 +
+                            n * bc.dstate_stride, t);
+}
+
 // Writes segment v into the fp32 tile dst[t * npad + n].
 template <typename T>
 __device__ __forceinline__ void store_bc_seg(const RawSeg<T>& s, int npad, int v, float* dst) {
@@ -295,6 +320,15 @@ __device__ __forceinline__ void store_bc_seg(const RawSeg<T>& s, int npad, int v
   // Consecutive threads take consecutive states, so that these transposed stores fall in different banks.
 #pragma unroll
   for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = seg_elem<T>(s.w, i);
+}
+
+// store_bc_seg for a segment loaded by load_bc_seg_whole: zeros for padded states.
+template <typename T>
+__device__ __forceinline__ void store_bc_seg_whole(const RawSeg<T>& s, int npad, int dstate, int v, float* dst) {
+  int n, t;
+  tile_seg_pos(v, npad, n, t);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = n < dstate ? seg_elem<T>(s.w, i) : 0.f;
 }
 
 // Stages variable B or C for timesteps [t0, t0 + kChunk) as fp32 dst[t * npad + n], loading and

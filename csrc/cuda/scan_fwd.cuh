@@ -19,14 +19,27 @@ struct FwdFlags {
   bool pre_ud, pre_bc;
 };
 
+// B or C, variable, with every [t, t + kVec) row segment 16-byte aligned for t a multiple of kVec
+// (true of a contiguous tensor whose seqlen is a multiple of 16 / element size).
+inline bool bc_rows_aligned(const BCParams& bc, int esize) {
+  return (reinterpret_cast<uintptr_t>(bc.ptr) % 16 == 0) && (bc.batch_stride * esize) % 16 == 0 &&
+         (bc.group_stride * esize) % 16 == 0 && (bc.dstate_stride * esize) % 16 == 0;
+}
+
 // Whether the forward's next-chunk loads fit the registers (see FwdFlags): at most two u / delta /
 // z segments and one B and one C segment per thread; B or C in fp32 with 16-bit inputs loads when
-// staged (the registers hold the input type).
+// staged (the registers hold the input type). The loads in flight are whole 16-byte vectors only,
+// so the rows must be aligned: the compiler then waits for them only where the next chunk is
+// staged (with a partial segment's element loads in the same code it drained them before the
+// recurrence, docs/design.md item 25).
 template <typename input_t>
 void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
   const int npad = s.tpc * s.spt;
-  f.pre_ud = s.cpb * (kChunk / kVec) <= 2 * s.threads;
-  auto fits = [](const BCParams& bc) { return !bc.is_variable || !bc_fp32<input_t>(bc) || sizeof(input_t) == 4; };
+  f.pre_ud = s.cpb * (kChunk / kVec) <= 2 * s.threads && f.u_aligned && f.delta_aligned && f.z_aligned;
+  auto fits = [](const BCParams& bc) {
+    return !bc.is_variable ||
+           ((!bc_fp32<input_t>(bc) || sizeof(input_t) == 4) && bc_rows_aligned(bc, sizeof(input_t)));
+  };
   f.pre_bc = npad * (kChunk / kVec) <= s.threads && fits(p.B) && fits(p.C);
 }
 
@@ -42,13 +55,17 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int tpc = kTPC > 0 ? kTPC : s.tpc;
+  // The four-threads-per-channel kernel runs 32 channels in 128 threads (the launcher checks), so
+  // the segments per thread are compile-time constants: two of u, delta and z, one of B and C.
+  const int threads = kTPC > 0 ? 128 : s.threads;
+  const int cpb = kTPC > 0 ? 128 / kTPC : s.cpb;
   const int npad = tpc * kSPT;
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
-  float* s_d = s_u + s.cpb * kRow;
-  float* s_du = s_d + s.cpb * kRow;
-  float* s_y = s_du + s.cpb * kRow;
+  float* s_d = s_u + cpb * kRow;
+  float* s_du = s_d + cpb * kRow;
+  float* s_y = s_du + cpb * kRow;
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
@@ -97,20 +114,29 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   input_t* out_base = static_cast<input_t*>(p.out.ptr) + rows.b * p.out.batch_stride;
   const float* D = static_cast<const float*>(p.D);
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
-  const int vecs = s.cpb * (kChunk / kVec);  // segments of u, delta, z and out per chunk
+  const int vecs = cpb * (kChunk / kVec);  // segments of u, delta, z and out per chunk
   const int bc_vecs = npad * (kChunk / kVec);
+  // Variable B and C, and this thread's B / C tile segment: always, in the four-threads-per-channel
+  // kernel (the launcher checks), which lets the compiler see that every register loaded ahead is
+  // read (FwdFlags).
+  const bool b_var = kTPC > 0 || p.B.is_variable;
+  const bool c_var = kTPC > 0 || p.C.is_variable;
+  const bool has_bc_seg = kTPC > 0 || tid < bc_vecs;
   // Software pipelining: while a chunk is computed, the next chunk's u, delta, B and C and this
   // chunk's z are in flight in registers, packed as loaded (FwdFlags says when they fit); larger
   // shares load when staged.
-  const bool pre_ud = f.pre_ud;
-  const bool pre_bc = f.pre_bc;
+  // The four-threads-per-channel kernel is launched only with both (so that the compiler sees no
+  // path on which registers loaded ahead are left unread, which would make it wait for all loads
+  // in flight before the recurrence).
+  const bool pre_ud = kTPC > 0 || f.pre_ud;
+  const bool pre_bc = kTPC > 0 || f.pre_bc;
   RawSeg<input_t> ru[2], rd[2], rz[2], rb, rc;
   // delta_bias and D of the channels of this thread's segments v = tid, tid + threads (the same
   // in every chunk), loaded once.
   float seg_bias[2], seg_D[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int v = tid + i * s.threads;
+    const int v = tid + i * threads;
     const int cc = v / (kChunk / kVec);
     const bool ok = v < vecs && cc < rows.valid;
     seg_bias[i] = ok && delta_bias ? delta_bias[rows.d0 + cc] : 0.f;
@@ -127,7 +153,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     const int len = chunk_len(k);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int v = first + tid + i * s.threads;
+      const int v = first + tid + i * threads;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
       if (v < vecs && cc < rows.valid) {
@@ -140,6 +166,26 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       }
     }
   };
+  // The same for a whole chunk (with pre_ud, aligned rows): vector loads only.
+  auto load_ud_whole = [&](int64_t k) {
+    const int64_t t0 = k * kChunk;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      zero_seg(ru[i]);
+      zero_seg(rd[i]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int v = tid + i * threads;
+      const int cc = v / (kChunk / kVec);
+      const int t = (v % (kChunk / kVec)) * kVec;
+      if (v < vecs && cc < rows.valid) {
+        const int64_t dc = rows.d0 + cc;
+        ru[i] = load_seg_whole(u_base + dc * p.u.dim_stride + t0, t);
+        rd[i] = load_seg_whole(delta_base + dc * p.delta.dim_stride + t0, t);
+      }
+    }
+  };
   // Stages u, d = softplus(delta + bias) and d * u (zeros past the end, so padded steps leave the
   // state unchanged) from the loaded segments. The softplus of both segments runs in one branch:
   // sixteen independent evaluations that the compiler interleaves.
@@ -148,7 +194,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     float x[2][kVec];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int v = first + tid + i * s.threads;
+      const int v = first + tid + i * threads;
       const int cc = v / (kChunk / kVec);
       const float bias = first == 0                               ? seg_bias[i]
                          : v < vecs && cc < rows.valid && delta_bias ? delta_bias[rows.d0 + cc]
@@ -166,7 +212,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int v = first + tid + i * s.threads;
+      const int v = first + tid + i * threads;
       if (v >= vecs) continue;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
@@ -183,34 +229,50 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     }
   };
   auto load_bc = [&](int64_t k) {
-    if (tid >= bc_vecs) return;
+    if (!has_bc_seg) return;
     const int len = chunk_len(k);
-    if (p.B.is_variable) rb = load_bc_seg<input_t>(p.B, rows.b, rows.gB, k * kChunk, len, dstate, npad, tid);
-    if (!kStateOnly && p.C.is_variable) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, k * kChunk, len, dstate, npad, tid);
+    if (b_var) rb = load_bc_seg<input_t>(p.B, rows.b, rows.gB, k * kChunk, len, dstate, npad, tid);
+    if (!kStateOnly && c_var) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, k * kChunk, len, dstate, npad, tid);
   };
+  // B and C of a whole chunk (with pre_bc, aligned rows).
+  auto load_bc_whole = [&](int64_t k) {
+    if (!has_bc_seg) return;
+    if (b_var) rb = load_bc_seg_whole<input_t>(p.B, rows.b, rows.gB, k * kChunk, dstate, npad, tid);
+    if (!kStateOnly && c_var)
+      rc = load_bc_seg_whole<input_t>(p.C, rows.b, rows.gC, k * kChunk, dstate, npad, tid);
+  };
+  // Only whole chunks are loaded ahead (a partial last chunk loads when staged).
+  auto whole = [&](int64_t k) { return (k + 1) * kChunk <= p.seqlen; };
 
-  if (pre_ud) load_ud(k_begin, 0);
-  if (pre_bc) load_bc(k_begin);
+  if (whole(k_begin)) {
+    if (pre_ud) load_ud_whole(k_begin);
+    if (pre_bc) load_bc_whole(k_begin);
+  }
   for (int64_t k = k_begin; k < k_end; ++k) {
     const int64_t t0 = k * kChunk;
     const int len = chunk_len(k);
+    const bool ahead = whole(k);  // this chunk's u, delta, B, C were loaded ahead (with pre_ud, pre_bc)
 
+    // Staged from the registers the loads ahead went to, or that this chunk's loads go to now, so
+    // that every path waits for those registers' earlier loads here.
     if (pre_ud) {
+      if (!ahead) load_ud(k, 0);
       stage_ud(k, 0);
     } else {
-      for (int first = 0; first < vecs; first += 2 * s.threads) {
+      for (int first = 0; first < vecs; first += 2 * threads) {
         load_ud(k, first);
         stage_ud(k, first);
       }
     }
     if (pre_bc) {
-      if (tid < bc_vecs) {
-        if (p.B.is_variable) store_bc_seg(rb, npad, tid, s_B);
-        if (!kStateOnly && p.C.is_variable) store_bc_seg(rc, npad, tid, s_C);
+      if (!ahead) load_bc(k);
+      if (has_bc_seg) {
+        if (b_var) store_bc_seg_whole(rb, npad, dstate, tid, s_B);
+        if (!kStateOnly && c_var) store_bc_seg_whole(rc, npad, dstate, tid, s_C);
       }
     } else {
-      if (p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
-      if (!kStateOnly && p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+      if (b_var) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
+      if (!kStateOnly && c_var) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
     }
 
     // The state before this chunk, for the backward.
@@ -221,10 +283,6 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     }
     __syncthreads();
 
-    if (k + 1 < k_end) {
-      if (pre_ud) load_ud(k + 1, 0);
-      if (pre_bc) load_bc(k + 1);
-    }
     // The chunk's start state, that state carried through the per-step decays alone, and the
     // chunk's summed d: the state carried out of the chunk is corrected with them
     // (carried_decay_error).
@@ -232,6 +290,10 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     float dsum = 0.f;
 #pragma unroll
     for (int j = 0; j < kSPT; ++j) h_in[j] = h_decayed[j] = h[j];
+    if (k + 1 < k_end && whole(k + 1)) {
+      if (pre_ud) load_ud_whole(k + 1);
+      if (pre_bc) load_bc_whole(k + 1);
+    }
     auto correct_carried_state = [&]() {
 #pragma unroll
       for (int j = 0; j < kSPT; ++j) h[j] += carried_decay_error(A2[j], dsum, h_in[j], h_decayed[j]);
@@ -259,14 +321,14 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       __syncthreads();
       continue;
     }
-    if (z_base && pre_ud) {
+    const bool z_ahead = z_base && pre_ud && ahead;
+    if (z_ahead) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int v = tid + i * s.threads;
+        const int v = tid + i * threads;
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
-        if (v < vecs && cc < rows.valid && t < len)
-          rz[i] = load_seg(z_base + (rows.d0 + cc) * p.z.dim_stride + t0, t, len, f.z_aligned);
+        if (v < vecs && cc < rows.valid) rz[i] = load_seg_whole(z_base + (rows.d0 + cc) * p.z.dim_stride + t0, t);
       }
     }
 
@@ -304,10 +366,10 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     __syncthreads();
 
     // Sum the partial outputs of each channel's threads, add D u, gate with silu(z), store.
-    for (int first = 0; first < vecs; first += 2 * s.threads) {
+    for (int first = 0; first < vecs; first += 2 * threads) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int v = first + tid + i * s.threads;
+        const int v = first + tid + i * threads;
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
         if (v >= vecs || cc >= rows.valid || t >= len) continue;
@@ -318,7 +380,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
         for (int j = 0; j < kVec; ++j) y[j] = fmaf(Dd, s_u[cc * kRow + t + j], s_y[cc * kRow + t + j]);
         if (z_base) {
           float zz[kVec];
-          seg_floats(pre_ud ? rz[i] : load_seg(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned), zz);
+          if (!z_ahead) rz[i] = load_seg(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned);
+          seg_floats(rz[i], zz);
 #pragma unroll
           for (int j = 0; j < kVec; ++j) y[j] *= zz[j] * sigmoid(zz[j]);
         }
@@ -386,7 +449,8 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
       if (s.seq_splits > 1) {
         const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits - 1));
         constexpr int kTPCState = kSPT == 4 ? 4 : 0;
-        if (kTPCState > 0 && s.tpc == 4 && p.B.is_variable) {  // (the state-only pass reads no C)
+        // (the state-only pass reads no C)
+        if (kTPCState > 0 && s.tpc == 4 && s.threads == 128 && p.B.is_variable && f.pre_ud && f.pre_bc) {
           launch_checked(scan_fwd_kernel<input_t, kSPT, kTPCState, true>, grid, s.threads, smem, stream,
                          "scan_fwd_kernel (state-only) launch", p, s, f);
         } else {
@@ -399,7 +463,7 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
     }
     const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
     if constexpr (kSPT == 4) {
-      if (s.tpc == 4 && p.B.is_variable && p.C.is_variable) {
+      if (s.tpc == 4 && s.threads == 128 && p.B.is_variable && p.C.is_variable && f.pre_ud && f.pre_bc) {
         launch_checked(scan_fwd_kernel<input_t, kSPT, 4, false>, grid, s.threads, smem, stream,
                        "scan_fwd_kernel launch", p, s, f);
         return;
