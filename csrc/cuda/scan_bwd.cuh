@@ -338,6 +338,9 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
     // Reverse through the sub-chunks.
     for (int sub = kChunk / kSub - 1; sub >= 0; --sub) {
       float hs[kSub][kSPT], as[kSub][kSPT], h0[kSPT];
+      // kWarpSums: this thread's sums over its states of each step, summed over the channel's
+      // lanes once the sub-chunk is done.
+      float sAs[kSub], sBs[kSub];
       load_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h0);
       {
         float h[kSPT];
@@ -379,23 +382,8 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
           G[j] = ag;
         }
         if constexpr (kWarpSums) {
-          // Sums over the channel's threads; one of them writes, in place of u and d * u,
-          // d(loss)/d(d_t) before the softplus derivative and du of this step (the chunk's store
-          // applies the derivative).
-#pragma unroll
-          for (int off = 1; off < kTPC; off <<= 1) {
-            sA += __shfl_xor_sync(0xffffffffu, sA, off);
-            sB += __shfl_xor_sync(0xffffffffu, sB, off);
-          }
-          // The writer overwrites d * u of step t, which the channel's other lanes read above:
-          // order their reads before the write (shuffles do not order memory).
-          __syncwarp();
-          if (q == kk % kTPC) {
-            const int e = c * kRow + t;
-            const float ut = s_u[e];
-            s_u[e] = fmaf(ut, sB, sA);
-            s_du[e] = fmaf(dyt, D_row, dt * sB);
-          }
+          sAs[kk] = sA;
+          sBs[kk] = sB;
           // dB / dC summed over the warp's channels (invalid channels contribute zeros) for
           // variable B / C, and over time per thread for time-invariant ones. The warp sums run
           // for both forms, without branches, so that the compiler interleaves the two
@@ -423,6 +411,27 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
         else {
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) dC_acc[j] += dCt[j];
+        }
+      }
+      if constexpr (kWarpSums) {
+        // The sums over states of the sub-chunk's steps, summed over the channel's lanes by the
+        // transposed butterfly of the forward's outputs (each of the first min(8, tpc) lanes ends
+        // with `count` consecutive steps from `first`), which then write, in place of u and
+        // d * u, d(loss)/d(d_t) before the softplus derivative (the chunk's store applies it) and
+        // du of their steps. The channel's other lanes read d * u of these steps above: the
+        // __syncwarp orders their reads before the writes (shuffles do not order memory).
+        int first;
+        const int count = channel_sum_steps<kTPC>(sAs, tpc, q, first);
+        channel_sum_steps<kTPC>(sBs, tpc, q, first);
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < kSub; ++i) {
+          if (i < count) {
+            const int e = c * kRow + sub * kSub + first + i;
+            const float ut = s_u[e], dt = s_d[e], dyt = s_dy[e];
+            s_u[e] = fmaf(ut, sBs[i], sAs[i]);
+            s_du[e] = fmaf(dyt, D_row, dt * sBs[i]);
+          }
         }
       }
       __syncthreads();

@@ -102,12 +102,13 @@ __device__ __forceinline__ float softplus(float x) {
 }
 
 // d softplus(x)/dx from d = softplus(x): sigmoid(x) = 1 - exp(-d) = -expm1(-d), by its series for
-// small d (exactly 1 above the threshold, where d = x > 20).
+// small d. Both forms are evaluated and one selected, without branches, so that the vectorised
+// stores that call this for a run of elements interleave them. Above 20 (the threshold, where
+// d = x) exp(-d) < 2.1e-9 is below half an ulp of 1, so the result is exactly 1 without a test.
 __device__ __forceinline__ float softplus_grad_from_value(float d) {
-  if (d < 0.25f) {
-    return d * (1.f - d * (0.5f - d * (1.f / 6.f - d * (1.f / 24.f - d * (1.f / 120.f - d * (1.f / 720.f))))));
-  }
-  return d > 20.f ? 1.f : 1.f - __expf(-d);
+  const float series = d * (1.f - d * (0.5f - d * (1.f / 6.f - d * (1.f / 24.f - d * (1.f / 120.f - d * (1.f / 720.f))))));
+  const float direct = 1.f - __expf(-d);
+  return d < 0.25f ? series : direct;
 }
 
 // sigmoid(x) with the fast reciprocal (2 ulp; no IEEE division with its range test and slow path
