@@ -194,6 +194,27 @@ def test_sequence_split(monkeypatch, pieces, dtype, dstate):
     check_backward(kw, "cuda", dtype)
 
 
+@pytest.mark.parametrize("pieces", ["1", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dstate,seqlen", [(24, 1000), (32, 1024), (40, 1024), (64, 1000)])
+def test_fixed_layouts(monkeypatch, pieces, dtype, dstate, seqlen):
+    """The forward's fixed layouts (8 and 16 threads per channel of four states: dstate 17-64,
+    taken with 16-byte aligned rows and variable B and C; B and C staged by whole 16-byte vectors,
+    padded states zeroed when staged): whole chunks only and a partial last chunk, with and
+    without the sequence split, against float64."""
+    if pieces == "auto":
+        monkeypatch.delenv("SELECTIVE_SCAN_SEQ_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", pieces)
+    kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=40, seqlen=seqlen, dstate=dstate,
+                     B_form="group", C_form="var", B_groups=2, delta_softplus=True, delta_bias=True,
+                     initial_state=True, seed=211 + dstate + seqlen)
+    for name in ("u", "delta", "B", "C"):
+        assert kw[name].data_ptr() % 16 == 0 and (kw[name].stride(-2) * kw[name].element_size()) % 16 == 0
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
+
 @pytest.mark.parametrize("forms", [("var", "var"), ("const", "const")], ids=["var", "const"])
 def test_sequence_split_matches_one_pass(monkeypatch, forms):
     """Split (7 pieces) and unsplit runs agree to fp32 rounding in the outputs and every gradient

@@ -17,6 +17,8 @@ struct FwdFlags {
   // loaded into registers during this chunk. Decided by the launcher, so that the kernel reads
   // them from its parameters instead of holding them in registers.
   bool pre_ud, pre_bc;
+  // B and C variable, in the input type, with aligned rows (what pre_bc needs besides room).
+  bool bc_vec;
 };
 
 // B or C, variable, with every [t, t + kVec) row segment 16-byte aligned for t a multiple of kVec
@@ -40,6 +42,7 @@ void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
     return !bc.is_variable ||
            ((!bc_fp32<input_t>(bc) || sizeof(input_t) == 4) && bc_rows_aligned(bc, sizeof(input_t)));
   };
+  f.bc_vec = p.B.is_variable && p.C.is_variable && fits(p.B) && fits(p.C);
   f.pre_bc = npad * (kChunk / kVec) <= s.threads && fits(p.B) && fits(p.C);
 }
 
@@ -47,16 +50,19 @@ void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
 // E_y into checkpoint slot k1 (its last chunk + 1) and its decay exp(A sum_t delta_t) into slot
 // k1 - 1 (pieces span at least two chunks, so no other piece uses these slots before the full
 // pass rewrites them); no outputs.
-// kTPC: 4 for the common layout (dstate 9-16: four threads per channel) with variable B and C
-// (variable B for the state-only pass, which reads no C), so that the tile strides are
-// compile-time constants; 0 for any layout (s.tpc).
+// kTPC: 4, 8 or 16 threads per channel at four states per thread (dstate 9-64) with variable B and
+// C in the input type and aligned rows (for the state-only pass, which reads no C: 4 only), so
+// that the layout and the tile strides are compile-time constants; 0 for any layout (s.tpc).
 template <typename input_t, int kSPT, int kTPC, bool kStateOnly>
 __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
+  static_assert(kTPC == 0 || (kSPT == 4 && (kTPC == 4 || (!kStateOnly && (kTPC == 8 || kTPC == 16)))),
+                "fixed layouts: four states per thread at 4, 8 or 16 threads per channel");
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int tpc = kTPC > 0 ? kTPC : s.tpc;
-  // The four-threads-per-channel kernel runs 32 channels in 128 threads (the launcher checks), so
-  // the segments per thread are compile-time constants: two of u, delta and z, one of B and C.
+  // The fixed layouts run 128 / kTPC channels in 128 threads (the launcher checks), so the
+  // segments per thread are compile-time constants (at kTPC 4: two of u, delta and z, one of B
+  // and C).
   const int threads = kTPC > 0 ? 128 : s.threads;
   const int cpb = kTPC > 0 ? 128 / kTPC : s.cpb;
   const int npad = tpc * kSPT;
@@ -119,9 +125,13 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   // Variable B and C, and this thread's B / C tile segment: always, in the four-threads-per-channel
   // kernel (the launcher checks), which lets the compiler see that every register loaded ahead is
   // read (FwdFlags).
+  // kTPC > 0 (4, 8 or 16 threads per channel): launched only with variable B and C in the input
+  // type, aligned rows and pre_ud (FwdFlags::bc_vec); the B and C tiles are loaded ahead where one
+  // segment per thread covers them (kTPC 4), else all at once when staged.
+  constexpr bool kFixedAheadBC = kTPC > 0 && kTPC * kSPT * (kChunk / kVec) == 128;
   const bool b_var = kTPC > 0 || p.B.is_variable;
   const bool c_var = kTPC > 0 || p.C.is_variable;
-  const bool has_bc_seg = kTPC > 0 || tid < bc_vecs;
+  const bool has_bc_seg = kFixedAheadBC || tid < bc_vecs;
   // Software pipelining: while a chunk is computed, the next chunk's u, delta, B and C and this
   // chunk's z are in flight in registers, packed as loaded (FwdFlags says when they fit); larger
   // shares load when staged.
@@ -129,7 +139,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   // path on which registers loaded ahead are left unread, which would make it wait for all loads
   // in flight before the recurrence).
   const bool pre_ud = kTPC > 0 || f.pre_ud;
-  const bool pre_bc = kTPC > 0 || f.pre_bc;
+  const bool pre_bc = kTPC > 0 ? kFixedAheadBC : f.pre_bc;
   RawSeg<input_t> ru[2], rd[2], rz[2], rb, rc;
   // delta_bias and D of the channels of this thread's segments v = tid, tid + threads (the same
   // in every chunk), loaded once.
@@ -213,12 +223,12 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int v = first + tid + i * threads;
+      float uu[kVec];
+      seg_floats(ru[i], uu);  // (before the test, so that every path reads the registers)
       if (v >= vecs) continue;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
       const bool cv = cc < rows.valid;
-      float uu[kVec];
-      seg_floats(ru[i], uu);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const float dd = (cv && t + j < len) ? x[i][j] : 0.f;
@@ -270,6 +280,21 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
         if (b_var) store_bc_seg_whole(rb, npad, dstate, tid, s_B);
         if (!kStateOnly && c_var) store_bc_seg_whole(rc, npad, dstate, tid, s_C);
       }
+    } else if constexpr (kTPC > 0) {
+      // kBCSegs segments of each tile per thread, one tile at a time, all its loads issued
+      // before the first store.
+      constexpr int kBCSegs = kTPC > 0 ? kTPC * kSPT * (kChunk / kVec) / 128 : 1;
+      auto stage_tile = [&](const BCParams& bc, int64_t g, float* tile) {
+        RawSeg<input_t> seg[kBCSegs];
+#pragma unroll
+        for (int i = 0; i < kBCSegs; ++i)
+          seg[i] = ahead ? load_bc_seg_whole<input_t>(bc, rows.b, g, t0, dstate, npad, tid + i * 128)
+                         : load_bc_seg<input_t>(bc, rows.b, g, t0, len, dstate, npad, tid + i * 128);
+#pragma unroll
+        for (int i = 0; i < kBCSegs; ++i) store_bc_seg_whole(seg[i], npad, dstate, tid + i * 128, tile);
+      };
+      stage_tile(p.B, rows.gB, s_B);
+      stage_tile(p.C, rows.gC, s_C);
     } else {
       if (b_var) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
       if (!kStateOnly && c_var) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
@@ -463,10 +488,15 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
     }
     const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
     if constexpr (kSPT == 4) {
-      if (s.tpc == 4 && s.threads == 128 && p.B.is_variable && p.C.is_variable && f.pre_ud && f.pre_bc) {
-        launch_checked(scan_fwd_kernel<input_t, kSPT, 4, false>, grid, s.threads, smem, stream,
-                       "scan_fwd_kernel launch", p, s, f);
-        return;
+      // The fixed layouts (dstate 9-64 at four states per thread): aligned rows, variable B and C.
+      if (s.threads == 128 && f.pre_ud && f.bc_vec) {
+        auto launch_fixed = [&](auto tpc) {
+          launch_checked(scan_fwd_kernel<input_t, kSPT, decltype(tpc)::value, false>, grid, s.threads, smem, stream,
+                         "scan_fwd_kernel launch", p, s, f);
+        };
+        if (s.tpc == 4) return launch_fixed(std::integral_constant<int, 4>{});
+        if (s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{});
+        if (s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{});
       }
     }
     launch_checked(scan_fwd_kernel<input_t, kSPT, 0, false>, grid, s.threads, smem, stream, "scan_fwd_kernel launch", p,
