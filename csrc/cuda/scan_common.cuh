@@ -333,7 +333,8 @@ __device__ __forceinline__ void store_bc_seg_whole(const RawSeg<T>& s, int npad,
 }
 
 // Stages variable B or C for timesteps [t0, t0 + kChunk) as fp32 dst[t * npad + n], loading and
-// storing in the same pass (the backward's path; the forward prefetches with the two above).
+// storing in the same pass (the backward's path, and the forward's general kernel where it does not
+// load B and C ahead).
 template <typename input_t>
 __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t g, int64_t t0, int len,
                                          int dstate, int npad, float* dst) {

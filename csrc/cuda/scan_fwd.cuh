@@ -122,12 +122,11 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
   const int vecs = cpb * (kChunk / kVec);  // segments of u, delta, z and out per chunk
   const int bc_vecs = npad * (kChunk / kVec);
-  // Variable B and C, and this thread's B / C tile segment: always, in the four-threads-per-channel
-  // kernel (the launcher checks), which lets the compiler see that every register loaded ahead is
-  // read (FwdFlags).
   // kTPC > 0 (4, 8 or 16 threads per channel): launched only with variable B and C in the input
   // type, aligned rows and pre_ud (FwdFlags::bc_vec); the B and C tiles are loaded ahead where one
-  // segment per thread covers them (kTPC 4), else all at once when staged.
+  // segment per thread covers them (kTPC 4), else all at once when staged. The forms of B and C,
+  // the loads ahead and (at kTPC 4) this thread's tile segment are then compile-time facts, which
+  // lets the compiler see that every register loaded ahead is read (FwdFlags).
   constexpr bool kFixedAheadBC = kTPC > 0 && kTPC * kSPT * (kChunk / kVec) == 128;
   const bool b_var = kTPC > 0 || p.B.is_variable;
   const bool c_var = kTPC > 0 || p.C.is_variable;
@@ -135,9 +134,6 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   // Software pipelining: while a chunk is computed, the next chunk's u, delta, B and C and this
   // chunk's z are in flight in registers, packed as loaded (FwdFlags says when they fit); larger
   // shares load when staged.
-  // The four-threads-per-channel kernel is launched only with both (so that the compiler sees no
-  // path on which registers loaded ahead are left unread, which would make it wait for all loads
-  // in flight before the recurrence).
   const bool pre_ud = kTPC > 0 || f.pre_ud;
   const bool pre_bc = kTPC > 0 ? kFixedAheadBC : f.pre_bc;
   RawSeg<input_t> ru[2], rd[2], rz[2], rb, rc;
@@ -283,7 +279,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     } else if constexpr (kTPC > 0) {
       // kBCSegs segments of each tile per thread, one tile at a time, all its loads issued
       // before the first store.
-      constexpr int kBCSegs = kTPC > 0 ? kTPC * kSPT * (kChunk / kVec) / 128 : 1;
+      constexpr int kBCSegs = kTPC * kSPT * (kChunk / kVec) / 128;
       auto stage_tile = [&](const BCParams& bc, int64_t g, float* tile) {
         RawSeg<input_t> seg[kBCSegs];
 #pragma unroll
