@@ -19,6 +19,10 @@ constexpr int kChunk = static_cast<int>(kCheckpointChunk);
 // Row stride of per-channel staged arrays [channel][step]: one float of padding puts the rows of
 // the channels that a warp reads at the same step in different banks.
 constexpr int kRow = kChunk + 1;
+// The forward's rows: a stride of kChunk + 4 keeps each row 16-byte aligned, so that a thread reads
+// or writes four steps with one 16-byte access; the eight channels a warp reads at the same steps
+// then fall on banks 4 c + t, all distinct (docs/design.md, item 30).
+constexpr int kRowFwd = kChunk + 4;
 // The backward recomputes a chunk in sub-chunks of kSub steps held in registers.
 constexpr int kSub = 8;
 constexpr int kVec = 8;  // elements per vector load/store of a row segment
@@ -457,10 +461,10 @@ __device__ __forceinline__ void store_smem(float* dst, const float (&src)[N]) {
 }
 
 // Shared memory (floats): B and C tiles [kChunk][npad] each; u, d, d*u and the outputs y
-// [cpb][kRow] each.
+// [cpb][kRowFwd] each.
 __host__ __device__ inline int fwd_smem_floats(const BlockShape& s) {
   const int npad = s.tpc * s.spt;
-  return 2 * kChunk * npad + 4 * s.cpb * kRow;
+  return 2 * kChunk * npad + 4 * s.cpb * kRowFwd;
 }
 
 // Floats of padding between channels in the dB/dC reduction buffer (keeps 16-byte alignment and

@@ -69,9 +69,9 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
   float* s_u = s_C + kChunk * npad;
-  float* s_d = s_u + cpb * kRow;
-  float* s_du = s_d + cpb * kRow;
-  float* s_y = s_du + cpb * kRow;
+  float* s_d = s_u + cpb * kRowFwd;
+  float* s_du = s_d + cpb * kRowFwd;
+  float* s_y = s_du + cpb * kRowFwd;
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
@@ -225,13 +225,15 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
       const bool cv = cc < rows.valid;
+      float dd[kVec], ddu[kVec];
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        const float dd = (cv && t + j < len) ? x[i][j] : 0.f;
-        s_u[cc * kRow + t + j] = uu[j];
-        s_d[cc * kRow + t + j] = dd;
-        s_du[cc * kRow + t + j] = dd * uu[j];
+        dd[j] = (cv && t + j < len) ? x[i][j] : 0.f;
+        ddu[j] = dd[j] * uu[j];
       }
+      store_smem<kVec>(s_u + cc * kRowFwd + t, uu);
+      store_smem<kVec>(s_d + cc * kRowFwd + t, dd);
+      store_smem<kVec>(s_du + cc * kRowFwd + t, ddu);
     }
   };
   auto load_bc = [&](int64_t k) {
@@ -321,8 +323,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     };
     if (kStateOnly) {
       // The piece's end state from zero and its summed delta; no outputs.
-      const float* __restrict__ my_d = s_d + c * kRow;
-      const float* __restrict__ my_du = s_du + c * kRow;
+      const float* __restrict__ my_d = s_d + c * kRowFwd;
+      const float* __restrict__ my_du = s_du + c * kRowFwd;
 #pragma unroll 8
       for (int t = 0; t < kChunk; ++t) {
         const float dt = my_d[t];
@@ -356,15 +358,20 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     // The recurrence over the chunk, one exp per (step, state), in groups of kGroup steps whose
     // outputs are summed over the channel's threads together (independent shuffles). The outputs
     // use the per-step decays; the state carried to the next chunk is corrected afterwards.
-    const float* __restrict__ my_d = s_d + c * kRow;
-    const float* __restrict__ my_du = s_du + c * kRow;
+    const float* __restrict__ my_d = s_d + c * kRowFwd;
+    const float* __restrict__ my_du = s_du + c * kRowFwd;
     for (int t8 = 0; t8 < kChunk; t8 += kGroup) {
       float ys[kGroup];
+      float dq[4], duq[4];  // d and d * u of four steps, by 16-byte loads
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const int t = t8 + i;
-        const float dt = my_d[t];
-        const float dut = my_du[t];
+        if (i % 4 == 0) {
+          load_smem<4>(my_d + t, dq);
+          load_smem<4>(my_du + t, duq);
+        }
+        const float dt = dq[i % 4];
+        const float dut = duq[i % 4];
         float Bt[kSPT], Ct[kSPT];
         load_smem<kSPT>(Bsrc + t * Bstep, Bt);
         load_smem<kSPT>(Csrc + t * Cstep, Ct);
@@ -381,7 +388,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       }
       int first;
       const int count = channel_sum_steps<kTPC>(ys, tpc, q, first);
-      store_step_sums(ys, count, first, s_y + c * kRow + t8);
+      store_step_sums(ys, count, first, s_y + c * kRowFwd + t8);
     }
     correct_carried_state();
     __syncthreads();
@@ -396,9 +403,11 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
         if (v >= vecs || cc >= rows.valid || t >= len) continue;
         const int64_t dc = rows.d0 + cc;
         const float Dd = first == 0 ? seg_D[i] : D ? D[dc] : 0.f;
-        float y[kVec];
+        float y[kVec], uu[kVec];
+        load_smem<kVec>(s_y + cc * kRowFwd + t, y);
+        load_smem<kVec>(s_u + cc * kRowFwd + t, uu);
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) y[j] = fmaf(Dd, s_u[cc * kRow + t + j], s_y[cc * kRow + t + j]);
+        for (int j = 0; j < kVec; ++j) y[j] = fmaf(Dd, uu[j], y[j]);
         if (z_base) {
           float zz[kVec];
           if (!z_ahead) rz[i] = load_seg(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned);
