@@ -39,6 +39,15 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
+// Two floats rounded to a 16-bit type and packed into one 32-bit word (lower address in the low
+// half), so that a row segment of 16-bit values is stored as four words, i.e. one 16-byte store.
+__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
+  return static_cast<uint32_t>(__half_as_ushort(lo)) | (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+}
+
 // 2^x on the special-function unit (flushes denormal results to zero, which is harmless here).
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -111,13 +120,15 @@ __device__ __forceinline__ float softplus(float x) {
 // d = x) exp(-d) < 2.1e-9 is below half an ulp of 1, so the result is exactly 1 without a test.
 __device__ __forceinline__ float softplus_grad_from_value(float d) {
   const float series = d * (1.f - d * (0.5f - d * (1.f / 6.f - d * (1.f / 24.f - d * (1.f / 120.f - d * (1.f / 720.f))))));
-  const float direct = 1.f - __expf(-d);
+  const float direct = 1.f - fast_exp2(-d * kLog2e);
   return d < 0.25f ? series : direct;
 }
 
 // sigmoid(x) with the fast reciprocal (2 ulp; no IEEE division with its range test and slow path
-// per element). For x below about -88, exp(-x) overflows to inf and the result is 0.
-__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
+// per element) and the flushing exp2 (__expf keeps denormal results, at three more instructions per
+// element; exp(-x) below 2^-126 is far below an ulp of 1 anyway). For x below about -88, exp(-x)
+// overflows to inf and the result is 0.
+__device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f + fast_exp2(-x * kLog2e)); }
 
 template <typename T>
 __device__ __forceinline__ void store_vec(T* row, int t, int len, bool aligned, const float (&v)[kVec]) {
@@ -126,11 +137,14 @@ __device__ __forceinline__ void store_vec(T* row, int t, int len, bool aligned, 
       *reinterpret_cast<float4*>(row + t) = make_float4(v[0], v[1], v[2], v[3]);
       *reinterpret_cast<float4*>(row + t + 4) = make_float4(v[4], v[5], v[6], v[7]);
     } else {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
+      // (One explicit 16-byte store: written through a uint4 or float4 pointer, the compiler
+      // split the packed words into four 4-byte stores.)
+      uint32_t w[kVec / 2];
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) e[i] = from_float<T>(v[i]);
-      *reinterpret_cast<uint4*>(row + t) = raw;
+      for (int i = 0; i < kVec / 2; ++i) w[i] = pack2(from_float<T>(v[2 * i]), from_float<T>(v[2 * i + 1]));
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(row + t), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+                   "r"(w[3])
+                   : "memory");
     }
   } else {
 #pragma unroll

@@ -224,13 +224,19 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       if (v >= vecs) continue;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
-      const bool cv = cc < rows.valid;
+      // Steps of this segment that exist (none for a channel past the block's range): in the
+      // fixed layouts only a partial chunk or such a channel takes the zeroing, so whole segments
+      // skip its selects (the general kernel selects always: the branch made it spill).
+      const int steps = cc < rows.valid ? len - t : 0;
       float dd[kVec], ddu[kVec];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        dd[j] = (cv && t + j < len) ? x[i][j] : 0.f;
-        ddu[j] = dd[j] * uu[j];
+      for (int j = 0; j < kVec; ++j) dd[j] = x[i][j];
+      if (kTPC == 0 || steps < kVec) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) dd[j] = j < steps ? dd[j] : 0.f;
       }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) ddu[j] = dd[j] * uu[j];
       store_smem<kVec>(s_u + cc * kRowFwd + t, uu);
       store_smem<kVec>(s_d + cc * kRowFwd + t, dd);
       store_smem<kVec>(s_du + cc * kRowFwd + t, ddu);
@@ -298,11 +304,21 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
       if (!kStateOnly && c_var) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
     }
 
-    // The state before this chunk, for the backward.
+    // The state before this chunk, for the backward: one 16-byte store where a thread's four
+    // states all exist (dstate a multiple of 4, so the row is 16-byte aligned too).
     if (!kStateOnly && c_valid) {
+      bool stored = false;
+      if constexpr (kSPT == 4 && kTPC > 0) {
+        if (dstate % 4 == 0) {
+          if (n0 < dstate) *reinterpret_cast<float4*>(ckpt + k * dstate + n0) = make_float4(h[0], h[1], h[2], h[3]);
+          stored = true;
+        }
+      }
+      if (!stored) {
 #pragma unroll
-      for (int j = 0; j < kSPT; ++j)
-        if (n0 + j < dstate) ckpt[k * dstate + n0 + j] = h[j];
+        for (int j = 0; j < kSPT; ++j)
+          if (n0 + j < dstate) ckpt[k * dstate + n0 + j] = h[j];
+      }
     }
     __syncthreads();
 
@@ -362,16 +378,18 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_ke
     const float* __restrict__ my_du = s_du + c * kRowFwd;
     for (int t8 = 0; t8 < kChunk; t8 += kGroup) {
       float ys[kGroup];
-      float dq[4], duq[4];  // d and d * u of four steps, by 16-byte loads
+      // The fixed layouts read d and d * u of four steps by one 16-byte load each; the general
+      // kernel one step at a time (the four-step registers made it spill).
+      float dq[4], duq[4];
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const int t = t8 + i;
-        if (i % 4 == 0) {
+        if (kTPC > 0 && i % 4 == 0) {
           load_smem<4>(my_d + t, dq);
           load_smem<4>(my_du + t, duq);
         }
-        const float dt = dq[i % 4];
-        const float dut = duq[i % 4];
+        const float dt = kTPC > 0 ? dq[i % 4] : my_d[t];
+        const float dut = kTPC > 0 ? duq[i % 4] : my_du[t];
         float Bt[kSPT], Ct[kSPT];
         load_smem<kSPT>(Bsrc + t * Bstep, Bt);
         load_smem<kSPT>(Csrc + t * Cstep, Ct);
