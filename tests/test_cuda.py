@@ -215,6 +215,33 @@ def test_fixed_layouts(monkeypatch, pieces, dtype, dstate, seqlen):
     check_backward(kw, "cuda", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_forward_builds_by_grid_size(monkeypatch, dtype):
+    """The 16-bit forward at four threads per channel has two builds, chosen by grid size: 128
+    registers per thread where the whole grid is resident at four blocks per SM, 102 otherwise.
+    A grid larger than that (the second build) gives bitwise the outputs of 8192 of its rows run on
+    their own (the first build: 256 blocks; 8192 rows are the fewest that keep four states per
+    thread), and those match float64."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if 4 * sms * 32 < 8192:
+        pytest.skip("fewer than 64 SMs: 8192 rows are not resident at four blocks per SM")
+    monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", "1")
+    dim = 4 * sms * 32 + 64  # blocks of 32 channels: two more than four per SM
+    few_rows = 8192
+    kw = make_inputs(device="cuda", dtype=dtype, batch=1, dim=dim, seqlen=200, dstate=16, B_form="var",
+                     C_form="var", delta_softplus=True, delta_bias=True, initial_state=True, seed=331)
+    few = dict(kw)
+    for name in ("u", "delta", "z", "initial_state"):
+        few[name] = kw[name][:, :few_rows].contiguous()
+    for name in ("A", "D", "delta_bias"):
+        few[name] = kw[name][:few_rows].contiguous()
+    out, last = run_op(kw)
+    out_few, last_few = run_op(few)
+    assert torch.equal(out[:, :few_rows], out_few)
+    assert torch.equal(last[:, :few_rows], last_few)
+    check_forward(few, "cuda", dtype)
+
+
 @pytest.mark.parametrize("forms", [("var", "var"), ("const", "const")], ids=["var", "const"])
 def test_sequence_split_matches_one_pass(monkeypatch, forms):
     """Split (7 pieces) and unsplit runs agree to fp32 rounding in the outputs and every gradient

@@ -26,6 +26,14 @@ int max_smem_per_block() {
   return bytes;
 }
 
+// Streaming multiprocessors of the current device.
+int sm_count() {
+  int dev = 0, value = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return value;
+}
+
 enum class Direction { kForward, kBackward };
 
 // Threads the problem's rows give at four states per thread.
@@ -109,6 +117,9 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
     const int64_t n_chunks = num_checkpoints(p.seqlen);
     s.chunks_per_split = (n_chunks + splits - 1) / splits;
     s.seq_splits = (n_chunks + s.chunks_per_split - 1) / s.chunks_per_split;
+  }
+  if (dir == Direction::kForward) {
+    s.resident_at_four = p.batch * s.segments * s.blocks_per_seg * s.seq_splits <= 4 * int64_t{sm_count()};
   }
   return s;
 }

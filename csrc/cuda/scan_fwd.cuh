@@ -53,8 +53,13 @@ void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
 // kTPC: 4, 8 or 16 threads per channel at four states per thread (dstate 9-64) with variable B and
 // C in the input type and aligned rows (for the state-only pass, which reads no C: 4 only), so
 // that the layout and the tile strides are compile-time constants; 0 for any layout (s.tpc).
-template <typename input_t, int kSPT, int kTPC, bool kStateOnly>
-__global__ void __launch_bounds__(128, sizeof(input_t) == 4 ? 4 : 5) scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
+// kMoreRegs: compiled for four blocks of 128 threads per SM (128 registers per thread) also for
+// 16-bit inputs, which otherwise compile for five (102 registers); with more registers ptxas places
+// the step loop's exps further ahead of their uses. Launched when the whole grid is resident at
+// four blocks per SM (BlockShape::resident_at_four), where the fifth block slot would be unused.
+template <typename input_t, int kSPT, int kTPC, bool kStateOnly, bool kMoreRegs = false>
+__global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5)
+    scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
   static_assert(kTPC == 0 || (kSPT == 4 && (kTPC == 4 || (!kStateOnly && (kTPC == 8 || kTPC == 16)))),
                 "fixed layouts: four states per thread at 4, 8 or 16 threads per channel");
   extern __shared__ float4 smem_f4[];
@@ -517,7 +522,15 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
           launch_checked(scan_fwd_kernel<input_t, kSPT, decltype(tpc)::value, false>, grid, s.threads, smem, stream,
                          "scan_fwd_kernel launch", p, s, f);
         };
-        if (s.tpc == 4) return launch_fixed(std::integral_constant<int, 4>{});
+        if (s.tpc == 4) {
+          if constexpr (sizeof(input_t) < 4) {
+            if (s.resident_at_four) {
+              return launch_checked(scan_fwd_kernel<input_t, kSPT, 4, false, true>, grid, s.threads, smem, stream,
+                                    "scan_fwd_kernel launch", p, s, f);
+            }
+          }
+          return launch_fixed(std::integral_constant<int, 4>{});
+        }
         if (s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{});
         if (s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{});
       }
