@@ -242,6 +242,24 @@ def test_forward_builds_by_grid_size(monkeypatch, dtype):
     check_forward(few, "cuda", dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_forward_register_builds_agree(monkeypatch, dtype):
+    """SELECTIVE_SCAN_FWD_REGS forces either build of the 16-bit four-threads-per-channel forward:
+    on the same inputs (the sequence split in three pieces, which keeps four states per thread at
+    few rows; a partial last chunk) both give bitwise the same outputs and last state, and match
+    float64."""
+    monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", "3")
+    kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=96, seqlen=1000, dstate=16, B_form="var",
+                     C_form="var", delta_softplus=True, delta_bias=True, initial_state=True, seed=337)
+    runs = {}
+    for regs in ("128", "102"):
+        monkeypatch.setenv("SELECTIVE_SCAN_FWD_REGS", regs)
+        runs[regs] = run_op(kw)
+    assert torch.equal(runs["128"][0], runs["102"][0])
+    assert torch.equal(runs["128"][1], runs["102"][1])
+    check_forward(kw, "cuda", dtype)
+
+
 @pytest.mark.parametrize("forms", [("var", "var"), ("const", "const")], ids=["var", "const"])
 def test_sequence_split_matches_one_pass(monkeypatch, forms):
     """Split (7 pieces) and unsplit runs agree to fp32 rounding in the outputs and every gradient

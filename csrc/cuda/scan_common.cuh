@@ -176,10 +176,10 @@ struct BlockShape {
   // chunks, one per blockIdx.y (docs/design.md, "Sequence split").
   int64_t seq_splits = 1;
   int64_t chunks_per_split = 0;
-  // Forward: the whole grid is resident at four blocks per SM, so the 16-bit four-threads-per-
-  // channel kernel can take its build with 128 registers per thread instead of 102 (docs/design.md,
-  // item 32).
-  bool resident_at_four = false;
+  // Forward: the 16-bit four-threads-per-channel kernel takes its build with 128 registers per
+  // thread instead of 102: where the whole grid is resident at four blocks per SM, or as
+  // SELECTIVE_SCAN_FWD_REGS forces (docs/design.md, item 33).
+  bool fwd_more_regs = false;
 };
 
 // The channel range and batch row of this block.

@@ -119,7 +119,12 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
     s.seq_splits = (n_chunks + s.chunks_per_split - 1) / s.chunks_per_split;
   }
   if (dir == Direction::kForward) {
-    s.resident_at_four = p.batch * s.segments * s.blocks_per_seg * s.seq_splits <= 4 * int64_t{sm_count()};
+    // SELECTIVE_SCAN_FWD_REGS (read per call, for tuning and tests): 128 or 102 forces that build
+    // of the 16-bit four-threads-per-channel forward; otherwise the grid decides.
+    const char* regs = std::getenv("SELECTIVE_SCAN_FWD_REGS");
+    const int forced = regs ? std::atoi(regs) : 0;
+    s.fwd_more_regs = forced == 128 || (forced != 102 && p.batch * s.segments * s.blocks_per_seg * s.seq_splits <=
+                                                             4 * int64_t{sm_count()});
   }
   return s;
 }

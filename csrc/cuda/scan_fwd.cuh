@@ -56,7 +56,7 @@ void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
 // kMoreRegs: compiled for four blocks of 128 threads per SM (128 registers per thread) also for
 // 16-bit inputs, which otherwise compile for five (102 registers); with more registers ptxas places
 // the step loop's exps further ahead of their uses. Launched when the whole grid is resident at
-// four blocks per SM (BlockShape::resident_at_four), where the fifth block slot would be unused.
+// four blocks per SM, where the fifth block slot would be unused (BlockShape::fwd_more_regs).
 template <typename input_t, int kSPT, int kTPC, bool kStateOnly, bool kMoreRegs = false>
 __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5)
     scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
@@ -524,7 +524,7 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
         };
         if (s.tpc == 4) {
           if constexpr (sizeof(input_t) < 4) {
-            if (s.resident_at_four) {
+            if (s.fwd_more_regs) {
               return launch_checked(scan_fwd_kernel<input_t, kSPT, 4, false, true>, grid, s.threads, smem, stream,
                                     "scan_fwd_kernel launch", p, s, f);
             }
