@@ -5,6 +5,9 @@
 #            `git archive <commit> -o build/baseline.tar` and carried to the machine) is unpacked and
 #            built in the background while this tree builds; then cuda_quickcheck.py --timing-only
 #            runs baseline, this tree, baseline, this tree, and a table compares the medians
+#   envab  - same-run timing of this tree without and with the run-time switches in ENV_AB (e.g.
+#            ENV_AB="SELECTIVE_SCAN_FWD_REGS=128"): cuda_quickcheck.py --timing-only runs without,
+#            with, without, with, and a table compares the medians
 #   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice;
 #            QUICK_SPT lists the choices, default "auto 4")
 #   tests  - the CUDA tests (pytest -m cuda; CUDA_TESTS narrows them, e.g. tests/test_state_update.py)
@@ -58,6 +61,20 @@ for stage in "${stages[@]}"; do
         python3 benchmarks/ab_table.py "$OUT"/ab_base_{1,2}.json -- "$OUT"/ab_new_{1,2}.json | tee "$OUT/ab.txt"
       else
         echo "ab: a timing run failed (logs: $OUT/ab_*.log)"; tail -5 "$OUT"/ab_*_1.log
+      fi ;;
+    envab)
+      for run in 1 2; do
+        python3 benchmarks/cuda_quickcheck.py --timing-only --out "$OUT/envab_off_$run.json" \
+          > "$OUT/envab_off_$run.log" 2>&1 || rc=1
+        env ${ENV_AB:?ENV_AB names the switches, e.g. SELECTIVE_SCAN_FWD_REGS=128} \
+          python3 benchmarks/cuda_quickcheck.py --timing-only --out "$OUT/envab_on_$run.json" \
+          > "$OUT/envab_on_$run.log" 2>&1 || rc=1
+      done
+      if [ -f "$OUT/envab_off_2.json" ] && [ -f "$OUT/envab_on_2.json" ]; then
+        echo "without / with: $ENV_AB"
+        python3 benchmarks/ab_table.py "$OUT"/envab_off_{1,2}.json -- "$OUT"/envab_on_{1,2}.json | tee "$OUT/envab.txt"
+      else
+        echo "envab: a timing run failed (logs: $OUT/envab_*.log)"; tail -5 "$OUT"/envab_*_1.log
       fi ;;
     quick)
       for spt in ${QUICK_SPT:-auto 4}; do
