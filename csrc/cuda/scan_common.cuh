@@ -39,13 +39,15 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(x);
 }
 
-// Two floats rounded to a 16-bit type and packed into one 32-bit word (lower address in the low
-// half), so that a row segment of 16-bit values is stored as four words, i.e. one 16-byte store.
-__device__ __forceinline__ uint32_t pack2(__half lo, __half hi) {
-  return static_cast<uint32_t>(__half_as_ushort(lo)) | (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
-}
-__device__ __forceinline__ uint32_t pack2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
-  return static_cast<uint32_t>(__bfloat16_as_ushort(lo)) | (static_cast<uint32_t>(__bfloat16_as_ushort(hi)) << 16);
+// Two 16-bit values packed into one 32-bit word (lower address in the low half), so that a row
+// segment of 16-bit values is stored as four words, i.e. one 16-byte store.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(T lo, T hi) {
+  static_assert(sizeof(T) == 2, "16-bit values");
+  uint16_t a, b;
+  __builtin_memcpy(&a, &lo, 2);
+  __builtin_memcpy(&b, &hi, 2);
+  return static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
 }
 
 // 2^x on the special-function unit (flushes denormal results to zero, which is harmless here).

@@ -123,8 +123,7 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
     // of the 16-bit four-threads-per-channel forward; otherwise the grid decides.
     const char* regs = std::getenv("SELECTIVE_SCAN_FWD_REGS");
     const int forced = regs ? std::atoi(regs) : 0;
-    s.fwd_more_regs = forced == 128 || (forced != 102 && p.batch * s.segments * s.blocks_per_seg * s.seq_splits <=
-                                                             4 * int64_t{sm_count()});
+    s.fwd_more_regs = forced == 128 || (forced != 102 && grid_blocks(p, s) * s.seq_splits <= 4 * int64_t{sm_count()});
   }
   return s;
 }

@@ -518,21 +518,18 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
     if constexpr (kSPT == 4) {
       // The fixed layouts (dstate 9-64 at four states per thread): aligned rows, variable B and C.
       if (s.threads == 128 && f.pre_ud && f.bc_vec) {
-        auto launch_fixed = [&](auto tpc) {
-          launch_checked(scan_fwd_kernel<input_t, kSPT, decltype(tpc)::value, false>, grid, s.threads, smem, stream,
-                         "scan_fwd_kernel launch", p, s, f);
+        auto launch_fixed = [&](auto tpc, auto more_regs) {
+          launch_checked(scan_fwd_kernel<input_t, kSPT, decltype(tpc)::value, false, decltype(more_regs)::value>, grid,
+                         s.threads, smem, stream, "scan_fwd_kernel launch", p, s, f);
         };
         if (s.tpc == 4) {
-          if constexpr (sizeof(input_t) < 4) {
-            if (s.fwd_more_regs) {
-              return launch_checked(scan_fwd_kernel<input_t, kSPT, 4, false, true>, grid, s.threads, smem, stream,
-                                    "scan_fwd_kernel launch", p, s, f);
-            }
+          if constexpr (sizeof(input_t) < 4) {  // (fp32 has 128 registers in either build)
+            if (s.fwd_more_regs) return launch_fixed(std::integral_constant<int, 4>{}, std::true_type{});
           }
-          return launch_fixed(std::integral_constant<int, 4>{});
+          return launch_fixed(std::integral_constant<int, 4>{}, std::false_type{});
         }
-        if (s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{});
-        if (s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{});
+        if (s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{}, std::false_type{});
+        if (s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{}, std::false_type{});
       }
     }
     launch_checked(scan_fwd_kernel<input_t, kSPT, 0, false>, grid, s.threads, smem, stream, "scan_fwd_kernel launch", p,
