@@ -218,10 +218,11 @@ def test_fixed_layouts(monkeypatch, pieces, dtype, dstate, seqlen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_forward_builds_by_grid_size(monkeypatch, dtype):
     """The 16-bit forward at four threads per channel has two builds, chosen by grid size: 128
-    registers per thread where the whole grid is resident at four blocks per SM, 102 otherwise.
-    A grid larger than that (the second build) gives bitwise the outputs of 8192 of its rows run on
-    their own (the first build: 256 blocks; 8192 rows are the fewest that keep four states per
-    thread), and those match float64."""
+    registers per thread where the grid needs no more waves at four blocks per SM than at five, 102
+    otherwise. A grid of two more blocks than four per SM (two waves at four, one at five: the
+    second build) gives bitwise the outputs of 8192 of its rows run on their own (the first build:
+    256 blocks, one wave; 8192 rows are the fewest that keep four states per thread), and those
+    match float64."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if 4 * sms * 32 < 8192:
         pytest.skip("fewer than 64 SMs: 8192 rows are not resident at four blocks per SM")

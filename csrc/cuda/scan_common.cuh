@@ -179,8 +179,8 @@ struct BlockShape {
   int64_t seq_splits = 1;
   int64_t chunks_per_split = 0;
   // Forward: the 16-bit four-threads-per-channel kernel takes its build with 128 registers per
-  // thread instead of 102: where the whole grid is resident at four blocks per SM, or as
-  // SELECTIVE_SCAN_FWD_REGS forces (docs/design.md, item 33).
+  // thread instead of 102: where the grid needs no more waves at four blocks per SM than at five,
+  // or as SELECTIVE_SCAN_FWD_REGS forces (docs/design.md, items 33 and 34).
   bool fwd_more_regs = false;
 };
 

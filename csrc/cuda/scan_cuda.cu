@@ -119,11 +119,14 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
     s.seq_splits = (n_chunks + s.chunks_per_split - 1) / s.chunks_per_split;
   }
   if (dir == Direction::kForward) {
-    // SELECTIVE_SCAN_FWD_REGS (read per call, for tuning and tests): 128 or 102 forces that build
-    // of the 16-bit four-threads-per-channel forward; otherwise the grid decides.
+    // The 16-bit four-threads-per-channel forward takes its 128-register build where the grid
+    // needs no more waves at four blocks per SM than at five (docs/design.md, items 33 and 34);
+    // SELECTIVE_SCAN_FWD_REGS (128 or 102, read per call, for tuning and tests) forces a build.
     const char* regs = std::getenv("SELECTIVE_SCAN_FWD_REGS");
     const int forced = regs ? std::atoi(regs) : 0;
-    s.fwd_more_regs = forced == 128 || (forced != 102 && grid_blocks(p, s) * s.seq_splits <= 4 * int64_t{sm_count()});
+    const int64_t blocks = grid_blocks(p, s) * s.seq_splits, sms = sm_count();
+    auto waves = [&](int64_t blocks_per_sm) { return (blocks + blocks_per_sm * sms - 1) / (blocks_per_sm * sms); };
+    s.fwd_more_regs = forced == 128 || (forced != 102 && waves(4) <= waves(5));
   }
   return s;
 }
