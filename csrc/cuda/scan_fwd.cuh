@@ -70,6 +70,9 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
   // and C).
   const int threads = kTPC > 0 ? 128 : s.threads;
   const int cpb = kTPC > 0 ? 128 / kTPC : s.cpb;
+  // Segments of u, delta, z and out per thread and chunk: at most two (the launcher checks); in
+  // the fixed layouts at 8 or 16 threads per channel one (cpb * kChunk / kVec <= 128).
+  constexpr int kSegs = kTPC > 0 && (128 / (kTPC > 0 ? kTPC : 1)) * (kChunk / kVec) <= 128 ? 1 : 2;
   const int npad = tpc * kSPT;
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
@@ -146,7 +149,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
   // in every chunk), loaded once.
   float seg_bias[2], seg_D[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kSegs; ++i) {
     const int v = tid + i * threads;
     const int cc = v / (kChunk / kVec);
     const bool ok = v < vecs && cc < rows.valid;
@@ -163,7 +166,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     const int64_t t0 = k * kChunk;
     const int len = chunk_len(k);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSegs; ++i) {
       const int v = first + tid + i * threads;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
@@ -181,12 +184,12 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
   auto load_ud_whole = [&](int64_t k) {
     const int64_t t0 = k * kChunk;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSegs; ++i) {
       zero_seg(ru[i]);
       zero_seg(rd[i]);
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSegs; ++i) {
       const int v = tid + i * threads;
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
@@ -204,7 +207,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     const int len = chunk_len(k);
     float x[2][kVec];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSegs; ++i) {
       const int v = first + tid + i * threads;
       const int cc = v / (kChunk / kVec);
       const float bias = first == 0                               ? seg_bias[i]
@@ -216,13 +219,13 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     }
     if (p.delta_softplus) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kSegs; ++i) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) x[i][j] = softplus(x[i][j]);
       }
     }
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < kSegs; ++i) {
       const int v = first + tid + i * threads;
       float uu[kVec];
       seg_floats(ru[i], uu);  // (before the test, so that every path reads the registers)
@@ -278,7 +281,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
       if (!ahead) load_ud(k, 0);
       stage_ud(k, 0);
     } else {
-      for (int first = 0; first < vecs; first += 2 * threads) {
+      for (int first = 0; first < vecs; first += kSegs * threads) {
         load_ud(k, first);
         stage_ud(k, first);
       }
@@ -368,7 +371,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     const bool z_ahead = z_base && pre_ud && ahead;
     if (z_ahead) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kSegs; ++i) {
         const int v = tid + i * threads;
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
@@ -417,9 +420,9 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     __syncthreads();
 
     // Sum the partial outputs of each channel's threads, add D u, gate with silu(z), store.
-    for (int first = 0; first < vecs; first += 2 * threads) {
+    for (int first = 0; first < vecs; first += kSegs * threads) {
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < kSegs; ++i) {
         const int v = first + tid + i * threads;
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
