@@ -337,6 +337,19 @@ __device__ __forceinline__ RawSeg<T> load_bc_seg_whole(const BCParams& bc, int64
                             n * bc.dstate_stride, t);
 }
 
+// Asks the L2 cache for the line holding `ptr`: no register is held and nothing waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
+
+// prefetch_l2 for the segment load_bc_seg_whole would load.
+template <typename T>
+__device__ __forceinline__ void prefetch_bc_seg_whole(const BCParams& bc, int64_t b, int64_t g, int64_t t0,
+                                                      int dstate, int npad, int v) {
+  int n, t;
+  tile_seg_pos(v, npad, n, t);
+  n = n < dstate ? n : dstate - 1;
+  prefetch_l2(static_cast<const T*>(bc.ptr) + b * bc.batch_stride + g * bc.group_stride + t0 + n * bc.dstate_stride + t);
+}
+
 // Writes segment v into the fp32 tile dst[t * npad + n].
 template <typename T>
 __device__ __forceinline__ void store_bc_seg(const RawSeg<T>& s, int npad, int v, float* dst) {

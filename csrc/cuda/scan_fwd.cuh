@@ -144,6 +144,14 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
   // shares load when staged.
   const bool pre_ud = kTPC > 0 || f.pre_ud;
   const bool pre_bc = kTPC > 0 ? kFixedAheadBC : f.pre_bc;
+  // The full pass at four threads per channel, except its 16-bit 128-register build, holds fewer
+  // loads in registers during the step loop, so that ptxas can issue the loop's shared loads and
+  // exps further ahead of their uses (docs/design.md, item 37): this chunk's z is only fetched into
+  // the L2 cache at the chunk's start and loaded in the epilogue (kZByL2), and in the 16-bit
+  // 102-register build so are the next chunk's u, delta, B and C, loaded when that chunk is staged
+  // (kNextByL2).
+  constexpr bool kZByL2 = kTPC == 4 && !kStateOnly && (sizeof(input_t) == 4 || !kMoreRegs);
+  constexpr bool kNextByL2 = kZByL2 && sizeof(input_t) < 4;
   RawSeg<input_t> ru[2], rd[2], rz[2], rb, rc;
   // delta_bias and D of the channels of this thread's segments v = tid, tid + threads (the same
   // in every chunk), loaded once.
@@ -266,7 +274,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
   // Only whole chunks are loaded ahead (a partial last chunk loads when staged).
   auto whole = [&](int64_t k) { return (k + 1) * kChunk <= p.seqlen; };
 
-  if (whole(k_begin)) {
+  if (!kNextByL2 && whole(k_begin)) {
     if (pre_ud) load_ud_whole(k_begin);
     if (pre_bc) load_bc_whole(k_begin);
   }
@@ -278,7 +286,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     // Staged from the registers the loads ahead went to, or that this chunk's loads go to now, so
     // that every path waits for those registers' earlier loads here.
     if (pre_ud) {
-      if (!ahead) load_ud(k, 0);
+      if (kNextByL2 && ahead) load_ud_whole(k);
+      else if (!ahead) load_ud(k, 0);
       stage_ud(k, 0);
     } else {
       for (int first = 0; first < vecs; first += kSegs * threads) {
@@ -287,7 +296,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
       }
     }
     if (pre_bc) {
-      if (!ahead) load_bc(k);
+      if (kNextByL2 && ahead) load_bc_whole(k);
+      else if (!ahead) load_bc(k);
       if (has_bc_seg) {
         if (b_var) store_bc_seg_whole(rb, npad, dstate, tid, s_B);
         if (!kStateOnly && c_var) store_bc_seg_whole(rc, npad, dstate, tid, s_C);
@@ -338,8 +348,24 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
 #pragma unroll
     for (int j = 0; j < kSPT; ++j) h_in[j] = h_decayed[j] = h[j];
     if (k + 1 < k_end && whole(k + 1)) {
-      if (pre_ud) load_ud_whole(k + 1);
-      if (pre_bc) load_bc_whole(k + 1);
+      if constexpr (kNextByL2) {  // (a fixed layout: pre_ud and pre_bc hold)
+#pragma unroll
+        for (int i = 0; i < kSegs; ++i) {
+          const int v = tid + i * threads;
+          const int cc = v / (kChunk / kVec);
+          const int t = (v % (kChunk / kVec)) * kVec;
+          if (v < vecs && cc < rows.valid) {
+            const int64_t dc = rows.d0 + cc;
+            prefetch_l2(u_base + dc * p.u.dim_stride + t0 + kChunk + t);
+            prefetch_l2(delta_base + dc * p.delta.dim_stride + t0 + kChunk + t);
+          }
+        }
+        prefetch_bc_seg_whole<input_t>(p.B, rows.b, rows.gB, t0 + kChunk, dstate, npad, tid);
+        prefetch_bc_seg_whole<input_t>(p.C, rows.b, rows.gC, t0 + kChunk, dstate, npad, tid);
+      } else {
+        if (pre_ud) load_ud_whole(k + 1);
+        if (pre_bc) load_bc_whole(k + 1);
+      }
     }
     auto correct_carried_state = [&]() {
 #pragma unroll
@@ -368,7 +394,16 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
       __syncthreads();
       continue;
     }
-    const bool z_ahead = z_base && pre_ud && ahead;
+    const bool z_ahead = !kZByL2 && z_base && pre_ud && ahead;
+    if (kZByL2 && z_base && ahead) {
+#pragma unroll
+      for (int i = 0; i < kSegs; ++i) {
+        const int v = tid + i * threads;
+        const int cc = v / (kChunk / kVec);
+        const int t = (v % (kChunk / kVec)) * kVec;
+        if (v < vecs && cc < rows.valid) prefetch_l2(z_base + (rows.d0 + cc) * p.z.dim_stride + t0 + t);
+      }
+    }
     if (z_ahead) {
 #pragma unroll
       for (int i = 0; i < kSegs; ++i) {
