@@ -165,6 +165,17 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     seg_D[i] = ok && D ? D[rows.d0 + cc] : 0.f;
   }
 
+  // Calls f(i, dc, t) for this thread's whole-chunk segments i (v = tid + i * threads) of channels
+  // in the block's range: channel dc, first step t within the chunk.
+  auto for_own_segments = [&](auto&& f) {
+#pragma unroll
+    for (int i = 0; i < kSegs; ++i) {
+      const int v = tid + i * threads;
+      const int cc = v / (kChunk / kVec);
+      const int t = (v % (kChunk / kVec)) * kVec;
+      if (v < vecs && cc < rows.valid) f(i, rows.d0 + cc, t);
+    }
+  };
   auto chunk_len = [&](int64_t k) {
     return static_cast<int>(p.seqlen - k * kChunk < kChunk ? p.seqlen - k * kChunk : kChunk);
   };
@@ -349,17 +360,10 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     for (int j = 0; j < kSPT; ++j) h_in[j] = h_decayed[j] = h[j];
     if (k + 1 < k_end && whole(k + 1)) {
       if constexpr (kNextByL2) {  // (a fixed layout: pre_ud and pre_bc hold)
-#pragma unroll
-        for (int i = 0; i < kSegs; ++i) {
-          const int v = tid + i * threads;
-          const int cc = v / (kChunk / kVec);
-          const int t = (v % (kChunk / kVec)) * kVec;
-          if (v < vecs && cc < rows.valid) {
-            const int64_t dc = rows.d0 + cc;
-            prefetch_l2(u_base + dc * p.u.dim_stride + t0 + kChunk + t);
-            prefetch_l2(delta_base + dc * p.delta.dim_stride + t0 + kChunk + t);
-          }
-        }
+        for_own_segments([&](int, int64_t dc, int t) {
+          prefetch_l2(u_base + dc * p.u.dim_stride + t0 + kChunk + t);
+          prefetch_l2(delta_base + dc * p.delta.dim_stride + t0 + kChunk + t);
+        });
         prefetch_bc_seg_whole<input_t>(p.B, rows.b, rows.gB, t0 + kChunk, dstate, npad, tid);
         prefetch_bc_seg_whole<input_t>(p.C, rows.b, rows.gC, t0 + kChunk, dstate, npad, tid);
       } else {
@@ -395,24 +399,10 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
       continue;
     }
     const bool z_ahead = !kZByL2 && z_base && pre_ud && ahead;
-    if (kZByL2 && z_base && ahead) {
-#pragma unroll
-      for (int i = 0; i < kSegs; ++i) {
-        const int v = tid + i * threads;
-        const int cc = v / (kChunk / kVec);
-        const int t = (v % (kChunk / kVec)) * kVec;
-        if (v < vecs && cc < rows.valid) prefetch_l2(z_base + (rows.d0 + cc) * p.z.dim_stride + t0 + t);
-      }
-    }
-    if (z_ahead) {
-#pragma unroll
-      for (int i = 0; i < kSegs; ++i) {
-        const int v = tid + i * threads;
-        const int cc = v / (kChunk / kVec);
-        const int t = (v % (kChunk / kVec)) * kVec;
-        if (v < vecs && cc < rows.valid) rz[i] = load_seg_whole(z_base + (rows.d0 + cc) * p.z.dim_stride + t0, t);
-      }
-    }
+    if (kZByL2 && z_base && ahead)
+      for_own_segments([&](int, int64_t dc, int t) { prefetch_l2(z_base + dc * p.z.dim_stride + t0 + t); });
+    if (z_ahead)
+      for_own_segments([&](int i, int64_t dc, int t) { rz[i] = load_seg_whole(z_base + dc * p.z.dim_stride + t0, t); });
 
     // The recurrence over the chunk, one exp per (step, state), in groups of kGroup steps whose
     // outputs are summed over the channel's threads together (independent shuffles). The outputs
