@@ -324,31 +324,28 @@ __device__ __forceinline__ RawSeg<T> load_bc_seg(const BCParams& bc, int64_t b, 
   return s;
 }
 
-// The same for a whole chunk of rows known to be 16-byte aligned: vector loads only, and always
-// issued, padded states (n >= dstate) reading state dstate - 1's row, which their staging replaces
-// by zeros (store_bc_seg_whole), so that no register is cleared while the loads are in flight.
+// Where load_bc_seg_whole reads segment v (also what the forward asks the L2 cache for ahead).
 template <typename T>
-__device__ __forceinline__ RawSeg<T> load_bc_seg_whole(const BCParams& bc, int64_t b, int64_t g, int64_t t0,
-                                                       int dstate, int npad, int v) {
+__device__ __forceinline__ const T* bc_seg_whole_ptr(const BCParams& bc, int64_t b, int64_t g, int64_t t0,
+                                                     int dstate, int npad, int v) {
   int n, t;
   tile_seg_pos(v, npad, n, t);
   n = n < dstate ? n : dstate - 1;
-  return load_seg_whole(static_cast<const T*>(bc.ptr) + b * bc.batch_stride + g * bc.group_stride + t0 +
-                            n * bc.dstate_stride, t);
+  return static_cast<const T*>(bc.ptr) + b * bc.batch_stride + g * bc.group_stride + t0 + n * bc.dstate_stride + t;
+}
+
+// The same as load_bc_seg for a whole chunk of rows known to be 16-byte aligned: vector loads only,
+// and always issued, padded states (n >= dstate) reading state dstate - 1's row, which their
+// staging replaces by zeros (store_bc_seg_whole), so that no register is cleared while the loads
+// are in flight.
+template <typename T>
+__device__ __forceinline__ RawSeg<T> load_bc_seg_whole(const BCParams& bc, int64_t b, int64_t g, int64_t t0,
+                                                       int dstate, int npad, int v) {
+  return load_seg_whole(bc_seg_whole_ptr<T>(bc, b, g, t0, dstate, npad, v), 0);
 }
 
 // Asks the L2 cache for the line holding `ptr`: no register is held and nothing waits for it.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
-
-// prefetch_l2 for the segment load_bc_seg_whole would load.
-template <typename T>
-__device__ __forceinline__ void prefetch_bc_seg_whole(const BCParams& bc, int64_t b, int64_t g, int64_t t0,
-                                                      int dstate, int npad, int v) {
-  int n, t;
-  tile_seg_pos(v, npad, n, t);
-  n = n < dstate ? n : dstate - 1;
-  prefetch_l2(static_cast<const T*>(bc.ptr) + b * bc.batch_stride + g * bc.group_stride + t0 + n * bc.dstate_stride + t);
-}
 
 // Writes segment v into the fp32 tile dst[t * npad + n].
 template <typename T>

@@ -55,8 +55,8 @@ void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
 // that the layout and the tile strides are compile-time constants; 0 for any layout (s.tpc).
 // kMoreRegs: compiled for four blocks of 128 threads per SM (128 registers per thread) also for
 // 16-bit inputs, which otherwise compile for five (102 registers); with more registers ptxas places
-// the step loop's exps further ahead of their uses. Launched when the whole grid is resident at
-// four blocks per SM, where the fifth block slot would be unused (BlockShape::fwd_more_regs).
+// the step loop's exps further ahead of their uses. Launched where the grid needs no more waves at
+// four blocks per SM than at five (BlockShape::fwd_more_regs).
 template <typename input_t, int kSPT, int kTPC, bool kStateOnly, bool kMoreRegs = false>
 __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5)
     scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
@@ -364,8 +364,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
           prefetch_l2(u_base + dc * p.u.dim_stride + t0 + kChunk + t);
           prefetch_l2(delta_base + dc * p.delta.dim_stride + t0 + kChunk + t);
         });
-        prefetch_bc_seg_whole<input_t>(p.B, rows.b, rows.gB, t0 + kChunk, dstate, npad, tid);
-        prefetch_bc_seg_whole<input_t>(p.C, rows.b, rows.gC, t0 + kChunk, dstate, npad, tid);
+        prefetch_l2(bc_seg_whole_ptr<input_t>(p.B, rows.b, rows.gB, t0 + kChunk, dstate, npad, tid));
+        prefetch_l2(bc_seg_whole_ptr<input_t>(p.C, rows.b, rows.gC, t0 + kChunk, dstate, npad, tid));
       } else {
         if (pre_ud) load_ud_whole(k + 1);
         if (pre_bc) load_bc_whole(k + 1);
