@@ -4,9 +4,13 @@
 #include <torch/library.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "selective_scan.h"
 
@@ -99,19 +103,32 @@ Problem check_problem(const Tensor& u, const Tensor& delta, const Tensor& A) {
   return {u.size(0), u.size(1), u.size(2), dstate, it, ct};
 }
 
+// The kernels' view of a checked B or C: time-invariant (dim, dstate), or variable (batch, dstate,
+// seqlen) / (batch, n_groups, dstate, seqlen) with unit seqlen stride.
+BCParams bc_params(const Tensor& X) {
+  BCParams bc;
+  bc.type = kind_of(X.scalar_type());
+  bc.ptr = X.data_ptr();
+  bc.is_variable = X.dim() != 2;
+  if (!bc.is_variable) {
+    bc.dim_stride = X.stride(0);
+    bc.dstate_stride = X.stride(1);
+  } else {
+    bc.n_groups = X.dim() == 3 ? 1 : X.size(1);
+    bc.batch_stride = X.stride(0);
+    bc.group_stride = X.dim() == 3 ? 0 : X.stride(1);
+    bc.dstate_stride = X.stride(-2);
+  }
+  return bc;
+}
+
 BCParams check_bc(const char* name, const Tensor& X, const Problem& p, const Tensor& u) {
   check_device(name, X, u);
   TORCH_CHECK_TYPE(X.scalar_type() == p.input_type || X.scalar_type() == p.compute_type, name,
                    ": expected dtype ", p.input_type, " (u's) or ", p.compute_type, ", got ", dtype_str(X));
-  BCParams bc;
-  bc.type = kind_of(X.scalar_type());
-  bc.ptr = X.data_ptr();
   if (X.dim() == 2) {
     check_shape(name, X, {p.dim, p.dstate});
-    bc.is_variable = false;
-    bc.dim_stride = X.stride(0);
-    bc.dstate_stride = X.stride(1);
-    return bc;
+    return bc_params(X);
   }
   TORCH_CHECK_VALUE(X.dim() == 3 || X.dim() == 4, name,
                     ": expected (dim, dstate), (batch, dstate, seqlen) or (batch, n_groups, dstate, "
@@ -125,12 +142,7 @@ BCParams check_bc(const char* name, const Tensor& X, const Problem& p, const Ten
     check_shape(name, X, {p.batch, groups, p.dstate, p.seqlen});
   }
   TORCH_CHECK(X.size(-1) <= 1 || X.stride(-1) == 1, name, ": internal error, seqlen stride must be 1");
-  bc.is_variable = true;
-  bc.n_groups = groups;
-  bc.batch_stride = X.stride(0);
-  bc.group_stride = X.dim() == 3 ? 0 : X.stride(1);
-  bc.dstate_stride = X.stride(-2);
-  return bc;
+  return bc_params(X);
 }
 
 // Unit seqlen stride for variable B/C (time-invariant ones keep their strides).
@@ -203,6 +215,113 @@ Inputs prepare_inputs(const Tensor& u_in, const Tensor& delta_in, const Tensor& 
 
 bool has_work(const Problem& p) { return p.batch > 0 && p.dim > 0 && p.seqlen > 0; }
 
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+// The CUDA kernels hold at most kStateSlice states of a channel per launch; a larger dstate runs as
+// slices of consecutive states, each its own launch with its own A, B, C, states and checkpoints
+// (docs/design.md, "State slices"). The recurrence of each state is independent, and every output
+// is a sum over states of per-state terms, so each slice writes fp32 partial outputs (D u, D dy
+// in the first slice only) that are added in slice order and rounded once. The forward's fixed
+// layouts at 8 and 16 threads per channel write fp32 outputs from 16-bit inputs; other slices
+// (and the backward's) run the fp32 kernels on inputs widened once.
+// SELECTIVE_SCAN_STATE_SLICE (read per call) sets the width for tuning and tests; a width of at
+// least dstate runs the whole state in one launch.
+constexpr int64_t kStateSlice = 64;
+
+int64_t state_slice_width() {
+  const char* env = std::getenv("SELECTIVE_SCAN_STATE_SLICE");
+  const int64_t w = env ? std::atoll(env) : kStateSlice;
+  return w >= 1 ? w : kStateSlice;
+}
+
+// The slices [first state, states) of dstate > width: ceil(dstate / width) of them, as equal as
+// can be (dstate 72 at width 64: 36 and 36, not 64 and 8).
+std::vector<std::pair<int64_t, int64_t>> state_slices(int64_t dstate, int64_t width) {
+  const int64_t count = (dstate + width - 1) / width, base = dstate / count, extra = dstate % count;
+  std::vector<std::pair<int64_t, int64_t>> slices;
+  for (int64_t i = 0, n0 = 0; i < count; ++i) {
+    const int64_t ns = base + (i < extra ? 1 : 0);
+    slices.emplace_back(n0, ns);
+    n0 += ns;
+  }
+  return slices;
+}
+
+Tensor as_f32(const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+// The row inputs and B, C a slice runs on: the problem's own, or widened to fp32.
+struct SliceInputs {
+  Tensor u, delta, B, C;
+  optional<Tensor> z;
+  ScalarKind type;
+  static SliceInputs own(const Inputs& in) { return {in.u, in.delta, in.B, in.C, in.z, in.params.input_type}; }
+  static SliceInputs wide(const Inputs& in) {
+    return {as_f32(in.u), as_f32(in.delta), as_f32(in.B), as_f32(in.C),
+            in.z ? optional<Tensor>(as_f32(*in.z)) : optional<Tensor>(), ScalarKind::kFloat32};
+  }
+};
+
+// States [n0, n0 + ns) of B or C.
+BCParams bc_slice(const Tensor& X, int64_t n0, int64_t ns) {
+  return bc_params(X.narrow(X.dim() == 2 ? 1 : X.dim() - 2, n0, ns));
+}
+
+// The forward's params for states [n0, n0 + ns) on inputs `w`: the slice's A and initial state
+// (contiguous copies, kept alive in `keep`), D in the first slice only; outputs left to the caller.
+ScanParams slice_params(const Inputs& in, const SliceInputs& w, int64_t n0, int64_t ns, std::vector<Tensor>& keep) {
+  ScanParams s = in.params;
+  s.dstate = ns;
+  s.input_type = w.type;
+  s.u = row_tensor(w.u);
+  s.delta = row_tensor(w.delta);
+  if (w.z) s.z = row_tensor(*w.z);
+  s.B = bc_slice(w.B, n0, ns);
+  s.C = bc_slice(w.C, n0, ns);
+  keep.push_back(in.A.narrow(1, n0, ns).contiguous());
+  s.A = keep.back().data_ptr();
+  if (n0 > 0) s.D = nullptr;
+  if (in.initial_state) {
+    keep.push_back(in.initial_state->narrow(2, n0, ns).contiguous());
+    s.initial_state = keep.back().data_ptr();
+  }
+  return s;
+}
+
+// The forward in state slices of at most `width` (< dstate) states: out is the rounded sum of the
+// slices' fp32 outputs; last_state and the checkpoints are written per slice into their places.
+void scan_fwd_cuda_sliced(const Inputs& in, Tensor& out, Tensor& last, Tensor& checkpoints, int64_t width,
+                          cudaStream_t stream) {
+  const Problem& p = in.p;
+  const SliceInputs own = SliceInputs::own(in);
+  optional<SliceInputs> wide;  // widened at the first slice that needs it
+  auto f32 = in.u.options().dtype(at::kFloat);
+  Tensor sum, part;
+  for (const auto& slice : state_slices(p.dstate, width)) {
+    const int64_t n0 = slice.first, ns = slice.second;
+    Tensor& y = n0 == 0 ? sum : part;
+    y = at::empty({p.batch, p.dim, p.seqlen}, f32);
+    Tensor last_s = at::empty({p.batch, p.dim, ns}, f32);
+    Tensor ckpt_s = at::empty({p.batch, p.dim, num_checkpoints(p.seqlen), ns}, f32);
+    auto run = [&](const SliceInputs& w) {
+      std::vector<Tensor> keep;
+      ScanParams s = slice_params(in, w, n0, ns, keep);
+      s.out = row_tensor(y);
+      s.out_f32 = true;
+      s.last_state = last_s.data_ptr();
+      s.checkpoints = ckpt_s.data_ptr();
+      return scan_fwd_cuda(s, stream);
+    };
+    if (!run(own)) {
+      if (!wide) wide = SliceInputs::wide(in);
+      TORCH_CHECK(run(*wide), "selective_scan: internal error, no fp32 forward for a state slice");
+    }
+    if (n0 > 0) sum.add_(part);
+    last.narrow(2, n0, ns).copy_(last_s);
+    checkpoints.narrow(3, n0, ns).copy_(ckpt_s);
+  }
+  out.copy_(sum);
+}
+#endif
+
 std::tuple<Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A,
                                             const Tensor& B, const Tensor& C, const optional<Tensor>& D,
                                             const optional<Tensor>& z, const optional<Tensor>& delta_bias,
@@ -226,13 +345,131 @@ std::tuple<Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta
   } else {
 #ifdef SELECTIVE_SCAN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(u.device());
-    scan_fwd_cuda(s, at::cuda::getCurrentCUDAStream().stream());
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+    const int64_t width = state_slice_width();
+    if (p.dstate > width) {
+      scan_fwd_cuda_sliced(in, out, last, checkpoints, width, stream);
+    } else {
+      scan_fwd_cuda(s, stream);
+    }
 #else
     TORCH_CHECK(false, "selective_scan was built without CUDA");
 #endif
   }
   return {out, last, checkpoints};
 }
+
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+// Where one backward launch's parameter gradients go: the whole gradients, or a state slice's
+// columns of dA, dB and dC (strided views).
+struct BwdDests {
+  Tensor dA, dB, dC;
+  optional<Tensor> dD;  // absent: not written (the state slices after the first)
+  Tensor ddelta_bias;
+  bool add_bias;        // add to ddelta_bias instead of writing it
+};
+
+// Runs the CUDA backward of `b` and reduces its partial sums (fixed slots, summed in a fixed order:
+// the backward is deterministic) into `dests`. A sequence split into `pieces` gives the per-row
+// partials one batch block of rows per piece.
+void scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts, BwdDests& dests,
+                          cudaStream_t stream) {
+  const ScanParams& q = b.fwd;
+  auto f32 = opts.dtype(at::kFloat);
+  const int64_t pieces = scan_bwd_cuda_seq_splits(q);
+  const int64_t partial_rows = pieces * q.batch;
+  auto bc_partial = [&](const BCParams& bc) {
+    return bc.is_variable
+               ? at::empty({scan_bwd_cuda_partial_slots(q, bc), q.batch, bc.n_groups, q.dstate, q.seqlen}, f32)
+               : at::empty({partial_rows, q.dim, q.dstate}, f32);
+  };
+  Tensor pB = bc_partial(q.B), pC = bc_partial(q.C);
+  Tensor pA = at::empty({partial_rows, q.dim, q.dstate}, f32);
+  Tensor pD = at::empty({partial_rows, q.dim}, f32);
+  Tensor pbias = at::empty({partial_rows, q.dim}, f32);
+  Tensor piece_adjoints = pieces > 1 ? at::empty({2, pieces, q.batch, q.dim, q.dstate}, f32) : at::empty({0}, f32);
+  ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
+                        pD.data_ptr<float>(), pbias.data_ptr<float>(),
+                        pieces > 1 ? piece_adjoints.data_ptr<float>() : nullptr};
+  scan_bwd_cuda(b, parts, stream);
+  const int64_t slots = 0;  // the slot dimension of every partial buffer
+  at::sum_out(dests.dA, pA, slots);
+  if (dests.dD) at::sum_out(*dests.dD, pD, slots);
+  if (dests.add_bias) {
+    dests.ddelta_bias.add_(pbias.sum(slots));
+  } else {
+    at::sum_out(dests.ddelta_bias, pbias, slots);
+  }
+  // Variable: (batch, n_groups, dstate, seqlen), B's shape viewed so; time-invariant: (dim, dstate).
+  auto slots_view = [](const Tensor& grad, const Tensor& partial) {
+    return grad.dim() == partial.dim() - 1 ? grad : grad.unsqueeze(1);
+  };
+  Tensor dB_slots = slots_view(dests.dB, pB), dC_slots = slots_view(dests.dC, pC);
+  at::sum_out(dB_slots, pB, slots);
+  at::sum_out(dC_slots, pC, slots);
+}
+
+// The gradients scan_bwd returns (du, ddelta, dz in the input type; the rest fp32).
+struct BwdGrads {
+  Tensor du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinit;
+};
+
+// States [n0, n0 + ns) of a gradient of B or C.
+Tensor bc_grad_slice(const Tensor& g, int64_t n0, int64_t ns) { return g.narrow(g.dim() == 2 ? 1 : g.dim() - 2, n0, ns); }
+
+// The backward in state slices of at most `width` (< dstate) states, on fp32 inputs (its kernels
+// have no fp32-output build for 16-bit inputs), as the forward: du, ddelta and dz are
+// the rounded sums of the slices' fp32 outputs (D dy and D u enter in the first slice), d(bias) the
+// sum of the slices' (each is the sum over steps of its part of ddelta), dD the first slice's
+// (sum_t dy u does not depend on the states); dA, dB, dC and d initial_state are written per slice.
+void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<Tensor>& dlast,
+                          const Tensor& checkpoints, BwdGrads g, int64_t width, cudaStream_t stream) {
+  const Problem& p = in.p;
+  const SliceInputs w = SliceInputs::wide(in);
+  const Tensor dout32 = as_f32(dout);
+  auto f32 = in.u.options().dtype(at::kFloat);
+  Tensor sum_du, sum_dd, sum_dz, part_du, part_dd, part_dz;
+  for (const auto& slice : state_slices(p.dstate, width)) {
+    const int64_t n0 = slice.first, ns = slice.second;
+    const bool first = n0 == 0;
+    std::vector<Tensor> keep;
+    ScanBwdParams b;
+    b.fwd = slice_params(in, w, n0, ns, keep);
+    b.dout = row_tensor(dout32);
+    if (dlast) {
+      keep.push_back(dlast->narrow(2, n0, ns).contiguous());
+      b.dlast_state = keep.back().data_ptr();
+    }
+    keep.push_back(checkpoints.narrow(3, n0, ns).contiguous());
+    b.checkpoints = keep.back().data_ptr();
+    Tensor& du_s = first ? sum_du : part_du;
+    Tensor& dd_s = first ? sum_dd : part_dd;
+    Tensor& dz_s = first ? sum_dz : part_dz;
+    du_s = at::empty({p.batch, p.dim, p.seqlen}, f32);
+    dd_s = at::empty({p.batch, p.dim, p.seqlen}, f32);
+    b.du = row_tensor(du_s);
+    b.ddelta = row_tensor(dd_s);
+    if (in.z) {
+      dz_s = at::empty({p.batch, p.dim, p.seqlen}, f32);
+      b.dz = row_tensor(dz_s);
+    }
+    Tensor dinit_s = at::empty({p.batch, p.dim, ns}, f32);
+    b.dinitial_state = dinit_s.data_ptr();
+    BwdDests dests{g.dA.narrow(1, n0, ns), bc_grad_slice(g.dB, n0, ns), bc_grad_slice(g.dC, n0, ns),
+                   first ? optional<Tensor>(g.dD) : optional<Tensor>(), g.ddelta_bias, !first};
+    scan_bwd_cuda_reduce(b, in.u.options(), dests, stream);
+    if (!first) {
+      sum_du.add_(part_du);
+      sum_dd.add_(part_dd);
+      if (in.z) sum_dz.add_(part_dz);
+    }
+    g.dinit.narrow(2, n0, ns).copy_(dinit_s);
+  }
+  g.du.copy_(sum_du);
+  g.ddelta.copy_(sum_dd);
+  if (in.z) g.dz.copy_(sum_dz);
+}
+#endif
 
 using BwdResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
@@ -299,33 +536,15 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
   } else {
 #ifdef SELECTIVE_SCAN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(u.device());
-    // Partial sums in fixed slots, reduced here in a fixed order: the backward is deterministic.
-    // A sequence split into `pieces` gives the per-row partials one batch block of rows per piece.
-    auto f32 = u.options().dtype(at::kFloat);
-    const int64_t pieces = scan_bwd_cuda_seq_splits(b.fwd);
-    const int64_t partial_rows = pieces * p.batch;
-    auto bc_partial = [&](const BCParams& bc) {
-      return bc.is_variable
-                 ? at::empty({scan_bwd_cuda_partial_slots(b.fwd, bc), p.batch, bc.n_groups, p.dstate, p.seqlen}, f32)
-                 : at::empty({partial_rows, p.dim, p.dstate}, f32);
-    };
-    Tensor pB = bc_partial(b.fwd.B), pC = bc_partial(b.fwd.C);
-    Tensor pA = at::empty({partial_rows, p.dim, p.dstate}, f32);
-    Tensor pD = at::empty({partial_rows, p.dim}, f32);
-    Tensor pbias = at::empty({partial_rows, p.dim}, f32);
-    Tensor piece_adjoints = pieces > 1 ? at::empty({2, pieces, p.batch, p.dim, p.dstate}, f32) : at::empty({0}, f32);
-    ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
-                          pD.data_ptr<float>(), pbias.data_ptr<float>(),
-                          pieces > 1 ? piece_adjoints.data_ptr<float>() : nullptr};
-    scan_bwd_cuda(b, parts, at::cuda::getCurrentCUDAStream().stream());
-    const int64_t slots = 0;  // the slot dimension of every partial buffer
-    at::sum_out(dA, pA, slots);
-    at::sum_out(dD, pD, slots);
-    at::sum_out(ddelta_bias, pbias, slots);
-    // Variable: (batch, n_groups, dstate, seqlen), B's shape viewed so; time-invariant: (dim, dstate).
-    Tensor dB_slots = dB.view(pB.sizes().slice(1)), dC_slots = dC.view(pC.sizes().slice(1));
-    at::sum_out(dB_slots, pB, slots);
-    at::sum_out(dC_slots, pC, slots);
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+    const int64_t width = state_slice_width();
+    if (p.dstate > width) {
+      scan_bwd_cuda_sliced(in, dout, dlast, checkpoints, {du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinit},
+                           width, stream);
+    } else {
+      BwdDests dests{dA, dB, dC, dD, ddelta_bias, false};
+      scan_bwd_cuda_reduce(b, u.options(), dests, stream);
+    }
 #else
     TORCH_CHECK(false, "selective_scan was built without CUDA");
 #endif

@@ -50,6 +50,7 @@ struct ScanParams {
   int64_t batch = 0, dim = 0, seqlen = 0, dstate = 0;
   ScalarKind input_type = ScalarKind::kFloat32;  // u, delta, z, out and their gradients
   bool delta_softplus = false;
+  bool out_f32 = false;  // CUDA only: `out` is fp32 whatever the input type (a state slice's partial outputs)
 
   RowTensor u, delta, z;          // z.ptr == nullptr: no gating
   const void* A = nullptr;        // (dim, dstate) contiguous, compute type
@@ -59,7 +60,7 @@ struct ScanParams {
   const void* initial_state = nullptr;  // (batch, dim, dstate) contiguous compute type, or nullptr
 
   // Forward outputs.
-  RowTensor out;                  // contiguous (batch, dim, seqlen), input type
+  RowTensor out;                  // contiguous (batch, dim, seqlen), input type (fp32 with out_f32)
   void* last_state = nullptr;     // (batch, dim, dstate) contiguous, compute type
   void* checkpoints = nullptr;    // (batch, dim, num_checkpoints(seqlen), dstate) contiguous, compute type
 };

@@ -194,6 +194,68 @@ def test_sequence_split(monkeypatch, pieces, dtype, dstate):
     check_backward(kw, "cuda", dtype)
 
 
+SLICE_CASES = {
+    # 8400 rows (no sequence split), groups of B, variable C, z and D, an initial state, 16-byte
+    # aligned rows (16-bit inputs: slices of 20 states take the fixed layout's fp32-output build)
+    "rows_group_var": dict(batch=3, dim=2800, seqlen=320, B_form="group", C_form="var", B_groups=4),
+    # 24 rows: each slice splits its sequence; time-invariant B, groups of C, no z
+    "split_const_group_noz": dict(batch=2, dim=12, seqlen=1000, B_form="const", C_form="group",
+                                  C_groups=3, z=False),
+    # no D, no bias, no softplus, variable B and C, an odd sequence length
+    "var_noD_plain": dict(batch=2, dim=40, seqlen=777, D=False, delta_bias=False, delta_softplus=False),
+}
+
+
+@pytest.mark.parametrize("width", ["16", "24"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", list(SLICE_CASES))
+def test_state_slices(monkeypatch, width, dtype, case):
+    """A dstate above SELECTIVE_SCAN_STATE_SLICE (default 64) runs as slices of at most that many
+    states, one launch each, whose fp32 partial outputs are summed (docs/design.md, "State
+    slices"): at dstate 40, slices of 14, 13 and 13 states (16-bit inputs: the fp32 kernels on
+    widened inputs) or of 20 and 20 (with aligned rows and variable B and C, the 16-bit forward's
+    fp32-output build). out, last_state and every gradient match float64, and a second run is
+    bitwise equal (the slices are added in a fixed order)."""
+    monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", width)
+    kw = make_inputs(device="cuda", dtype=dtype, dstate=40, initial_state=True,
+                     seed=301 + int(width) + len(case), **SLICE_CASES[case])
+    check_forward(kw, "cuda", dtype)
+    g = check_backward(kw, "cuda", dtype)
+    dout, dlast = upstream_grads(kw)
+    again = grads_of(lambda k: run_op(k, True), kw, dout, dlast)[2]
+    for name, grad in g.items():
+        assert torch.equal(grad, again[name]), f"d{name} differs between runs"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dstate", [100, 256])
+def test_state_slices_default_width(monkeypatch, dtype, dstate):
+    """The default slices (at most 64 states: 50 and 50, or four of 64) with 16-bit inputs, aligned
+    rows and variable B and C, where the forward's slices run its fp32-output build at 16 threads
+    per channel: out, last_state and every gradient against float64."""
+    monkeypatch.delenv("SELECTIVE_SCAN_STATE_SLICE", raising=False)
+    kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=64, seqlen=1024, dstate=dstate, B_form="var",
+                     C_form="group", C_groups=2, initial_state=True, seed=341 + dstate)
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
+
+def test_state_slices_match_one_launch(monkeypatch):
+    """dstate 128 in two slices of 64 (the default) against one launch of all 128 states: the same
+    results up to the order of the sums over states (fp32)."""
+    kw = make_inputs(device="cuda", batch=2, dim=64, seqlen=1000, dstate=128, B_form="var",
+                     C_form="group", C_groups=2, initial_state=True, seed=331)
+    dout, dlast = upstream_grads(kw)
+    runs = {}
+    for width in ("64", "128"):
+        monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", width)
+        runs[width] = grads_of(lambda k: run_op(k, True), kw, dout, dlast)
+    for i, name in ((0, "out"), (1, "last_state")):
+        assert rel_l2(runs["64"][i], runs["128"][i]) < 1e-6, name
+    for name, grad in runs["64"][2].items():
+        assert rel_l2(grad, runs["128"][2][name]) < 1e-5, f"d{name}"
+
+
 @pytest.mark.parametrize("pieces", ["1", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dstate,seqlen", [(24, 1000), (32, 1024), (40, 1024), (64, 1000)])

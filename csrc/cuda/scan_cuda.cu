@@ -36,10 +36,15 @@ int sm_count() {
 
 enum class Direction { kForward, kBackward };
 
-// Threads the problem's rows give at four states per thread.
-int64_t threads_at_four_states(const ScanParams& p) {
-  return p.batch * p.dim * next_pow2((static_cast<int>(p.dstate) + 3) / 4);
+// Threads per channel at four states per thread: dstate 5-8 takes four, its states padded to 16
+// (see block_shape).
+int tpc_at_four_states(int64_t dstate) {
+  const int tpc = next_pow2((static_cast<int>(dstate) + 3) / 4);
+  return dstate > 4 && tpc < 4 ? 4 : tpc;
 }
+
+// Threads the problem's rows give at four states per thread.
+int64_t threads_at_four_states(const ScanParams& p) { return p.batch * p.dim * tpc_at_four_states(p.dstate); }
 
 // SELECTIVE_SCAN_SPT (1, 4 or 8; read once): states per thread forced for tuning, or 0.
 int forced_spt() {
@@ -91,10 +96,12 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
   // 4 and 8 states per thread only (launch_scan_fwd / launch_scan_bwd rely on this).
   if (splits > 1 && s.spt == 1) s.spt = 4;
   s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
-  // The backward at 5-8 states: four states per thread at four threads per channel (the states
-  // padded to 16) takes the fast path (warp sums); measured 21-27% faster than one or four states
-  // per thread at two threads per channel (docs/design.md, item 18).
-  if (dir == Direction::kBackward && p.dstate > 4 && p.dstate <= 8 && forced_spt() == 0) {
+  // dstate 5-8 at four states per thread runs at four threads per channel (the states padded to
+  // 16), where the forward has its fixed layout and the backward its fast path (warp sums). The
+  // backward takes it also where one state per thread would be chosen: measured 21-27% faster than
+  // one or four states per thread at two threads per channel (docs/design.md, item 18); the
+  // forward at (8, 1536, 2048, 8) item 39.
+  if (p.dstate > 4 && p.dstate <= 8 && (s.spt == 4 || (dir == Direction::kBackward && forced_spt() == 0))) {
     s.spt = 4;
     s.tpc = 4;
   }
@@ -145,12 +152,12 @@ int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc
   return (s.segments / bc.n_groups) * s.blocks_per_seg;
 }
 
-void scan_fwd_cuda(const ScanParams& params, cudaStream_t stream) {
+bool scan_fwd_cuda(const ScanParams& params, cudaStream_t stream) {
   const BlockShape s = block_shape(params, Direction::kForward);
   switch (params.input_type) {
-    case ScalarKind::kFloat32: launch_scan_fwd<float>(params, s, stream); break;
-    case ScalarKind::kFloat16: launch_scan_fwd<__half>(params, s, stream); break;
-    case ScalarKind::kBFloat16: launch_scan_fwd<__nv_bfloat16>(params, s, stream); break;
+    case ScalarKind::kFloat32: return launch_scan_fwd<float>(params, s, stream);
+    case ScalarKind::kFloat16: return launch_scan_fwd<__half>(params, s, stream);
+    case ScalarKind::kBFloat16: return launch_scan_fwd<__nv_bfloat16>(params, s, stream);
     default: throw std::runtime_error("selective_scan: unsupported input dtype on CUDA");
   }
 }

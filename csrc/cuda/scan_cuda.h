@@ -30,7 +30,10 @@ struct ScanBwdPartials {
 };
 
 // Both launch on `stream` and check the launch; they throw std::runtime_error on a CUDA error.
-void scan_fwd_cuda(const ScanParams& params, cudaStream_t stream);
+// scan_fwd_cuda returns false, launching nothing, where params.out_f32 (16-bit inputs) asks for a
+// layout without an fp32-output build: the fixed layouts at 8 and 16 threads per channel have one
+// (dstate 17-64, variable B and C in the input type, 16-byte aligned rows).
+bool scan_fwd_cuda(const ScanParams& params, cudaStream_t stream);
 // Writes du, ddelta, dz and dinitial_state of `params` and the partials; dA/dB/dC/dD/ddelta_bias
 // of `params` are unused.
 void scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream);

@@ -6,6 +6,8 @@
 // full pass runs all pieces at once. docs/design.md has the details.
 #pragma once
 
+#include <type_traits>
+
 #include "scan_common.cuh"
 
 namespace selective_scan {
@@ -57,7 +59,9 @@ void fwd_prefetch_flags(const ScanParams& p, const BlockShape& s, FwdFlags& f) {
 // 16-bit inputs, which otherwise compile for five (102 registers); with more registers ptxas places
 // the step loop's exps further ahead of their uses. Launched where the grid needs no more waves at
 // four blocks per SM than at five (BlockShape::fwd_more_regs).
-template <typename input_t, int kSPT, int kTPC, bool kStateOnly, bool kMoreRegs = false>
+// kOutF32: out is fp32 with 16-bit inputs (ScanParams::out_f32: the partial outputs of a state
+// slice); instantiated for the fixed layouts at 8 and 16 threads per channel.
+template <typename input_t, int kSPT, int kTPC, bool kStateOnly, bool kMoreRegs = false, bool kOutF32 = false>
 __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5)
     scan_fwd_kernel(const ScanParams p, const BlockShape s, const FwdFlags f) {
   static_assert(kTPC == 0 || (kSPT == 4 && (kTPC == 4 || (!kStateOnly && (kTPC == 8 || kTPC == 16)))),
@@ -125,7 +129,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
   const input_t* u_base = static_cast<const input_t*>(p.u.ptr) + rows.b * p.u.batch_stride;
   const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
   const input_t* z_base = p.z.ptr ? static_cast<const input_t*>(p.z.ptr) + rows.b * p.z.batch_stride : nullptr;
-  input_t* out_base = static_cast<input_t*>(p.out.ptr) + rows.b * p.out.batch_stride;
+  using out_t = std::conditional_t<kOutF32, float, input_t>;
+  out_t* out_base = static_cast<out_t*>(p.out.ptr) + rows.b * p.out.batch_stride;
   const float* D = static_cast<const float*>(p.D);
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
   const int vecs = cpb * (kChunk / kVec);  // segments of u, delta, z and out per chunk
@@ -517,11 +522,15 @@ namespace selective_scan {
 namespace cuda_detail {
 
 template <typename input_t>
-void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stream) {
+bool launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stream) {
   const int esize = sizeof(input_t);
+  const bool out_f32 = p.out_f32 && esize < 4;  // (fp32 inputs write fp32 anyway)
   FwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
-             p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, esize), false, false};
+             p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, out_f32 ? 4 : esize), false, false};
   fwd_prefetch_flags<input_t>(p, s, f);
+  // The fixed layouts (dstate 9-64 at four states per thread): aligned rows, variable B and C.
+  const bool fixed = s.spt == 4 && s.threads == 128 && f.pre_ud && f.bc_vec;
+  if (out_f32 && !(fixed && (s.tpc == 8 || s.tpc == 16))) return false;
   const int smem = fwd_smem_floats(s) * static_cast<int>(sizeof(float));
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   dispatch_spt(s.spt, [&](auto spt) {
@@ -544,25 +553,31 @@ void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
     }
     const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
     if constexpr (kSPT == 4) {
-      // The fixed layouts (dstate 9-64 at four states per thread): aligned rows, variable B and C.
-      if (s.threads == 128 && f.pre_ud && f.bc_vec) {
-        auto launch_fixed = [&](auto tpc, auto more_regs) {
-          launch_checked(scan_fwd_kernel<input_t, kSPT, decltype(tpc)::value, false, decltype(more_regs)::value>, grid,
-                         s.threads, smem, stream, "scan_fwd_kernel launch", p, s, f);
+      if (fixed) {
+        auto launch_fixed = [&](auto tpc, auto more_regs, auto out_f32_kernel) {
+          launch_checked(scan_fwd_kernel<input_t, kSPT, decltype(tpc)::value, false, decltype(more_regs)::value,
+                                         decltype(out_f32_kernel)::value>,
+                         grid, s.threads, smem, stream, "scan_fwd_kernel launch", p, s, f);
         };
+        using F = std::false_type;
         if (s.tpc == 4) {
           if constexpr (sizeof(input_t) < 4) {  // (fp32 has 128 registers in either build)
-            if (s.fwd_more_regs) return launch_fixed(std::integral_constant<int, 4>{}, std::true_type{});
+            if (s.fwd_more_regs) return launch_fixed(std::integral_constant<int, 4>{}, std::true_type{}, F{});
           }
-          return launch_fixed(std::integral_constant<int, 4>{}, std::false_type{});
+          return launch_fixed(std::integral_constant<int, 4>{}, F{}, F{});
         }
-        if (s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{}, std::false_type{});
-        if (s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{}, std::false_type{});
+        if constexpr (sizeof(input_t) < 4) {
+          if (out_f32 && s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{}, F{}, std::true_type{});
+          if (out_f32 && s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{}, F{}, std::true_type{});
+        }
+        if (s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{}, F{}, F{});
+        if (s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{}, F{}, F{});
       }
     }
     launch_checked(scan_fwd_kernel<input_t, kSPT, 0, false>, grid, s.threads, smem, stream, "scan_fwd_kernel launch", p,
                    s, f);
   });
+  return true;
 }
 
 }  // namespace cuda_detail

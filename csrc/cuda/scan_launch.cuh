@@ -60,8 +60,9 @@ inline dim3 per_state_grid(const ScanParams& p) {
   return dim3(static_cast<unsigned>((p.batch * p.dim * p.dstate + 255) / 256));
 }
 
+// false where p.out_f32 asks for a layout that has no fp32-output build (nothing is launched).
 template <typename input_t>
-void launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stream);
+bool launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stream);
 template <typename input_t>
 void launch_scan_bwd(const ScanBwdParams& p, const ScanBwdPartials& parts, const BlockShape& s,
                      cudaStream_t stream);
