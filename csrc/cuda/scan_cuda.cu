@@ -96,12 +96,16 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
   // 4 and 8 states per thread only (launch_scan_fwd / launch_scan_bwd rely on this).
   if (splits > 1 && s.spt == 1) s.spt = 4;
   s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
-  // dstate 5-8 at four states per thread runs at four threads per channel (the states padded to
-  // 16), where the forward has its fixed layout and the backward its fast path (warp sums). The
-  // backward takes it also where one state per thread would be chosen: measured 21-27% faster than
-  // one or four states per thread at two threads per channel (docs/design.md, item 18); the
-  // forward at (8, 1536, 2048, 8) item 39.
-  if (p.dstate > 4 && p.dstate <= 8 && (s.spt == 4 || (dir == Direction::kBackward && forced_spt() == 0))) {
+  // Few states run at four states per thread and four threads per channel (padded to 16), where
+  // the forward has its fixed layout and the backward its fast path (warp sums): the forward at
+  // dstate 5-8 where it has four states per thread (docs/design.md, item 39), the backward at
+  // dstate 1-8 except 2 (items 18 and 40: at dstate 5-8 21-27% faster than one or four states per
+  // thread at two threads per channel, at dstate 4 38% and at 1 6% faster than one state per
+  // thread; at dstate 2 one state per thread was 6% faster). SELECTIVE_SCAN_SPT keeps the
+  // unpadded layouts.
+  const bool pad_to_16 = forced_spt() == 0 && p.dstate <= 8 &&
+                         (dir == Direction::kBackward ? p.dstate != 2 : p.dstate > 4 && s.spt == 4);
+  if (pad_to_16) {
     s.spt = 4;
     s.tpc = 4;
   }
