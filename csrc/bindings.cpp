@@ -265,6 +265,17 @@ BCParams bc_slice(const Tensor& X, int64_t n0, int64_t ns) {
   return bc_params(X.narrow(X.dim() == 2 ? 1 : X.dim() - 2, n0, ns));
 }
 
+// After slice i of `count` has written `part` (slice 0: `sum`): adds it to the fp32 sum of the
+// slices before, in slice order; the last addition writes `result` (rounded once to its type).
+void add_slice(size_t i, size_t count, Tensor& sum, const Tensor& part, Tensor& result) {
+  if (i == 0) return;
+  if (i + 1 < count) {
+    sum.add_(part);
+  } else {
+    at::add_out(result, sum, part);
+  }
+}
+
 // The forward's params for states [n0, n0 + ns) on inputs `w`: the slice's A and initial state
 // (contiguous copies, kept alive in `keep`), D in the first slice only; outputs left to the caller.
 ScanParams slice_params(const Inputs& in, const SliceInputs& w, int64_t n0, int64_t ns, std::vector<Tensor>& keep) {
@@ -287,7 +298,8 @@ ScanParams slice_params(const Inputs& in, const SliceInputs& w, int64_t n0, int6
 }
 
 // The forward in state slices of at most `width` (< dstate) states: out is the rounded sum of the
-// slices' fp32 outputs; last_state and the checkpoints are written per slice into their places.
+// slices' fp32 outputs (the last addition writes out, rounding once); last_state and the
+// checkpoints are written per slice into their places.
 void scan_fwd_cuda_sliced(const Inputs& in, Tensor& out, Tensor& last, Tensor& checkpoints, int64_t width,
                           cudaStream_t stream) {
   const Problem& p = in.p;
@@ -295,9 +307,10 @@ void scan_fwd_cuda_sliced(const Inputs& in, Tensor& out, Tensor& last, Tensor& c
   optional<SliceInputs> wide;  // widened at the first slice that needs it
   auto f32 = in.u.options().dtype(at::kFloat);
   Tensor sum, part;
-  for (const auto& slice : state_slices(p.dstate, width)) {
-    const int64_t n0 = slice.first, ns = slice.second;
-    Tensor& y = n0 == 0 ? sum : part;
+  const auto slices = state_slices(p.dstate, width);
+  for (size_t i = 0; i < slices.size(); ++i) {
+    const int64_t n0 = slices[i].first, ns = slices[i].second;
+    Tensor& y = i == 0 ? sum : part;
     y = at::empty({p.batch, p.dim, p.seqlen}, f32);
     Tensor last_s = at::empty({p.batch, p.dim, ns}, f32);
     Tensor ckpt_s = at::empty({p.batch, p.dim, num_checkpoints(p.seqlen), ns}, f32);
@@ -314,11 +327,10 @@ void scan_fwd_cuda_sliced(const Inputs& in, Tensor& out, Tensor& last, Tensor& c
       if (!wide) wide = SliceInputs::wide(in);
       TORCH_CHECK(run(*wide), "selective_scan: internal error, no fp32 forward for a state slice");
     }
-    if (n0 > 0) sum.add_(part);
+    add_slice(i, slices.size(), sum, part, out);
     last.narrow(2, n0, ns).copy_(last_s);
     checkpoints.narrow(3, n0, ns).copy_(ckpt_s);
   }
-  out.copy_(sum);
 }
 #endif
 
@@ -429,9 +441,10 @@ void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<T
   const Tensor dout32 = as_f32(dout);
   auto f32 = in.u.options().dtype(at::kFloat);
   Tensor sum_du, sum_dd, sum_dz, part_du, part_dd, part_dz;
-  for (const auto& slice : state_slices(p.dstate, width)) {
-    const int64_t n0 = slice.first, ns = slice.second;
-    const bool first = n0 == 0;
+  const auto slices = state_slices(p.dstate, width);
+  for (size_t i = 0; i < slices.size(); ++i) {
+    const int64_t n0 = slices[i].first, ns = slices[i].second;
+    const bool first = i == 0;
     std::vector<Tensor> keep;
     ScanBwdParams b;
     b.fwd = slice_params(in, w, n0, ns, keep);
@@ -458,16 +471,11 @@ void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<T
     BwdDests dests{g.dA.narrow(1, n0, ns), bc_grad_slice(g.dB, n0, ns), bc_grad_slice(g.dC, n0, ns),
                    first ? optional<Tensor>(g.dD) : optional<Tensor>(), g.ddelta_bias, !first};
     scan_bwd_cuda_reduce(b, in.u.options(), dests, stream);
-    if (!first) {
-      sum_du.add_(part_du);
-      sum_dd.add_(part_dd);
-      if (in.z) sum_dz.add_(part_dz);
-    }
+    add_slice(i, slices.size(), sum_du, part_du, g.du);
+    add_slice(i, slices.size(), sum_dd, part_dd, g.ddelta);
+    if (in.z) add_slice(i, slices.size(), sum_dz, part_dz, g.dz);
     g.dinit.narrow(2, n0, ns).copy_(dinit_s);
   }
-  g.du.copy_(sum_du);
-  g.ddelta.copy_(sum_dd);
-  if (in.z) g.dz.copy_(sum_dz);
 }
 #endif
 

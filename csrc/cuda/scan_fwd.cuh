@@ -566,12 +566,15 @@ bool launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
           }
           return launch_fixed(std::integral_constant<int, 4>{}, F{}, F{});
         }
-        if constexpr (sizeof(input_t) < 4) {
-          if (out_f32 && s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{}, F{}, std::true_type{});
-          if (out_f32 && s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{}, F{}, std::true_type{});
-        }
-        if (s.tpc == 8) return launch_fixed(std::integral_constant<int, 8>{}, F{}, F{});
-        if (s.tpc == 16) return launch_fixed(std::integral_constant<int, 16>{}, F{}, F{});
+        // 8 and 16 threads per channel: the fp32-output build where out_f32 asks for it.
+        auto launch_either_out = [&](auto tpc) {
+          if constexpr (sizeof(input_t) < 4) {
+            if (out_f32) return launch_fixed(tpc, F{}, std::true_type{});
+          }
+          return launch_fixed(tpc, F{}, F{});
+        };
+        if (s.tpc == 8) return launch_either_out(std::integral_constant<int, 8>{});
+        if (s.tpc == 16) return launch_either_out(std::integral_constant<int, 16>{});
       }
     }
     launch_checked(scan_fwd_kernel<input_t, kSPT, 0, false>, grid, s.threads, smem, stream, "scan_fwd_kernel launch", p,
