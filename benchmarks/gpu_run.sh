@@ -4,7 +4,9 @@
 #   ab     - same-run timing against a baseline tree: AB_BASELINE (default build/baseline.tar, made with
 #            `git archive <commit> -o build/baseline.tar` and carried to the machine) is unpacked and
 #            built in the background while this tree builds; then cuda_quickcheck.py --timing-only
-#            runs baseline, this tree, baseline, this tree, and a table compares the medians
+#            runs baseline, this tree, baseline, this tree, and a table compares the medians (AB_SHAPES,
+#            e.g. "8x1536x2048x2,8x1536x2048x16", times those bf16 shapes instead of the anchors; envab
+#            too, unless ENVAB_SHAPES names its own)
 #   envab  - same-run timing of this tree without and with the run-time switches in ENV_AB (e.g.
 #            ENV_AB="SELECTIVE_SCAN_FWD_REGS=128"): cuda_quickcheck.py --timing-only runs without,
 #            with, without, with, and a table compares the medians
@@ -28,6 +30,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests bench)
 
 AB_BASELINE=${AB_BASELINE:-build/baseline.tar}
+envab_shapes=${ENVAB_SHAPES:-${AB_SHAPES:-}}
 AB_DIR=/tmp/selective_scan_baseline
 ab_pid=
 if [[ " ${stages[*]} " == *" ab "* ]]; then
@@ -52,9 +55,9 @@ for stage in "${stages[@]}"; do
     ab)
       if ! wait "$ab_pid"; then tail -30 "$OUT/ab_baseline_build.log"; rc=1; continue; fi
       for run in 1 2; do
-        PYTHONPATH="$AB_DIR/python" python3 benchmarks/cuda_quickcheck.py --timing-only \
+        PYTHONPATH="$AB_DIR/python" python3 benchmarks/cuda_quickcheck.py --timing-only ${AB_SHAPES:+--shapes $AB_SHAPES} \
           --out "$OUT/ab_base_$run.json" > "$OUT/ab_base_$run.log" 2>&1 || rc=1
-        python3 benchmarks/cuda_quickcheck.py --timing-only --out "$OUT/ab_new_$run.json" \
+        python3 benchmarks/cuda_quickcheck.py --timing-only ${AB_SHAPES:+--shapes $AB_SHAPES} --out "$OUT/ab_new_$run.json" \
           > "$OUT/ab_new_$run.log" 2>&1 || rc=1
       done
       if [ -f "$OUT/ab_base_2.json" ] && [ -f "$OUT/ab_new_2.json" ]; then
@@ -64,10 +67,10 @@ for stage in "${stages[@]}"; do
       fi ;;
     envab)
       for run in 1 2; do
-        python3 benchmarks/cuda_quickcheck.py --timing-only --out "$OUT/envab_off_$run.json" \
+        python3 benchmarks/cuda_quickcheck.py --timing-only ${envab_shapes:+--shapes $envab_shapes} --out "$OUT/envab_off_$run.json" \
           > "$OUT/envab_off_$run.log" 2>&1 || rc=1
         env ${ENV_AB:?ENV_AB names the switches, e.g. SELECTIVE_SCAN_FWD_REGS=128} \
-          python3 benchmarks/cuda_quickcheck.py --timing-only --out "$OUT/envab_on_$run.json" \
+          python3 benchmarks/cuda_quickcheck.py --timing-only ${envab_shapes:+--shapes $envab_shapes} --out "$OUT/envab_on_$run.json" \
           > "$OUT/envab_on_$run.log" 2>&1 || rc=1
       done
       if [ -f "$OUT/envab_off_2.json" ] && [ -f "$OUT/envab_on_2.json" ]; then

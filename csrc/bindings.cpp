@@ -383,8 +383,9 @@ struct BwdDests {
 
 // Runs the CUDA backward of `b` and reduces its partial sums (fixed slots, summed in a fixed order:
 // the backward is deterministic) into `dests`. A sequence split into `pieces` gives the per-row
-// partials one batch block of rows per piece.
-void scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts, BwdDests& dests,
+// partials one batch block of rows per piece. false, with nothing run or written, where b.fwd.out_f32
+// asks for a layout without an fp32-gradient build (scan_bwd_cuda).
+bool scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts, BwdDests& dests,
                           cudaStream_t stream) {
   const ScanParams& q = b.fwd;
   auto f32 = opts.dtype(at::kFloat);
@@ -403,7 +404,7 @@ void scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts,
   ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
                         pD.data_ptr<float>(), pbias.data_ptr<float>(),
                         pieces > 1 ? piece_adjoints.data_ptr<float>() : nullptr};
-  scan_bwd_cuda(b, parts, stream);
+  if (!scan_bwd_cuda(b, parts, stream)) return false;
   const int64_t slots = 0;  // the slot dimension of every partial buffer
   at::sum_out(dests.dA, pA, slots);
   if (dests.dD) at::sum_out(*dests.dD, pD, slots);
@@ -419,6 +420,7 @@ void scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts,
   Tensor dB_slots = slots_view(dests.dB, pB), dC_slots = slots_view(dests.dC, pC);
   at::sum_out(dB_slots, pB, slots);
   at::sum_out(dC_slots, pC, slots);
+  return true;
 }
 
 // The gradients scan_bwd returns (du, ddelta, dz in the input type; the rest fp32).
@@ -429,48 +431,56 @@ struct BwdGrads {
 // States [n0, n0 + ns) of a gradient of B or C.
 Tensor bc_grad_slice(const Tensor& g, int64_t n0, int64_t ns) { return g.narrow(g.dim() == 2 ? 1 : g.dim() - 2, n0, ns); }
 
-// The backward in state slices of at most `width` (< dstate) states, on fp32 inputs (its kernels
-// have no fp32-output build for 16-bit inputs), as the forward: du, ddelta and dz are
-// the rounded sums of the slices' fp32 outputs (D dy and D u enter in the first slice), d(bias) the
-// sum of the slices' (each is the sum over steps of its part of ddelta), dD the first slice's
-// (sum_t dy u does not depend on the states); dA, dB, dC and d initial_state are written per slice.
+// The backward in state slices of at most `width` (< dstate) states, as the forward: du, ddelta
+// and dz are the rounded sums of the slices' fp32 gradients (D dy and D u enter in the first
+// slice), d(bias) the sum of the slices' (each is the sum over steps of its part of ddelta), dD the
+// first slice's (sum_t dy u does not depend on the states); dA, dB, dC and d initial_state are
+// written per slice. A slice runs on the problem's own inputs where its layout has an fp32-gradient
+// build for them, else on inputs widened to fp32.
 void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<Tensor>& dlast,
                           const Tensor& checkpoints, BwdGrads g, int64_t width, cudaStream_t stream) {
   const Problem& p = in.p;
-  const SliceInputs w = SliceInputs::wide(in);
-  const Tensor dout32 = as_f32(dout);
+  const SliceInputs own = SliceInputs::own(in);
+  optional<SliceInputs> wide;  // widened at the first slice that needs it, with dout
+  Tensor dout_wide;
   auto f32 = in.u.options().dtype(at::kFloat);
   Tensor sum_du, sum_dd, sum_dz, part_du, part_dd, part_dz;
   const auto slices = state_slices(p.dstate, width);
   for (size_t i = 0; i < slices.size(); ++i) {
     const int64_t n0 = slices[i].first, ns = slices[i].second;
     const bool first = i == 0;
-    std::vector<Tensor> keep;
-    ScanBwdParams b;
-    b.fwd = slice_params(in, w, n0, ns, keep);
-    b.dout = row_tensor(dout32);
-    if (dlast) {
-      keep.push_back(dlast->narrow(2, n0, ns).contiguous());
-      b.dlast_state = keep.back().data_ptr();
-    }
-    keep.push_back(checkpoints.narrow(3, n0, ns).contiguous());
-    b.checkpoints = keep.back().data_ptr();
+    const Tensor dlast_s = dlast ? dlast->narrow(2, n0, ns).contiguous() : Tensor();
+    const Tensor ckpt_s = checkpoints.narrow(3, n0, ns).contiguous();
     Tensor& du_s = first ? sum_du : part_du;
     Tensor& dd_s = first ? sum_dd : part_dd;
     Tensor& dz_s = first ? sum_dz : part_dz;
     du_s = at::empty({p.batch, p.dim, p.seqlen}, f32);
     dd_s = at::empty({p.batch, p.dim, p.seqlen}, f32);
-    b.du = row_tensor(du_s);
-    b.ddelta = row_tensor(dd_s);
-    if (in.z) {
-      dz_s = at::empty({p.batch, p.dim, p.seqlen}, f32);
-      b.dz = row_tensor(dz_s);
-    }
+    if (in.z) dz_s = at::empty({p.batch, p.dim, p.seqlen}, f32);
     Tensor dinit_s = at::empty({p.batch, p.dim, ns}, f32);
-    b.dinitial_state = dinit_s.data_ptr();
-    BwdDests dests{g.dA.narrow(1, n0, ns), bc_grad_slice(g.dB, n0, ns), bc_grad_slice(g.dC, n0, ns),
-                   first ? optional<Tensor>(g.dD) : optional<Tensor>(), g.ddelta_bias, !first};
-    scan_bwd_cuda_reduce(b, in.u.options(), dests, stream);
+    auto run = [&](const SliceInputs& w, const Tensor& dout_w) {
+      std::vector<Tensor> keep;
+      ScanBwdParams b;
+      b.fwd = slice_params(in, w, n0, ns, keep);
+      b.fwd.out_f32 = true;
+      b.dout = row_tensor(dout_w);
+      if (dlast) b.dlast_state = dlast_s.data_ptr();
+      b.checkpoints = ckpt_s.data_ptr();
+      b.du = row_tensor(du_s);
+      b.ddelta = row_tensor(dd_s);
+      if (in.z) b.dz = row_tensor(dz_s);
+      b.dinitial_state = dinit_s.data_ptr();
+      BwdDests dests{g.dA.narrow(1, n0, ns), bc_grad_slice(g.dB, n0, ns), bc_grad_slice(g.dC, n0, ns),
+                     first ? optional<Tensor>(g.dD) : optional<Tensor>(), g.ddelta_bias, !first};
+      return scan_bwd_cuda_reduce(b, in.u.options(), dests, stream);
+    };
+    if (!run(own, dout)) {
+      if (!wide) {
+        wide = SliceInputs::wide(in);
+        dout_wide = as_f32(dout);
+      }
+      TORCH_CHECK(run(*wide, dout_wide), "selective_scan: internal error, no fp32 backward for a state slice");
+    }
     add_slice(i, slices.size(), sum_du, part_du, g.du);
     add_slice(i, slices.size(), sum_dd, part_dd, g.ddelta);
     if (in.z) add_slice(i, slices.size(), sum_dz, part_dz, g.dz);
@@ -551,7 +561,7 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
                            width, stream);
     } else {
       BwdDests dests{dA, dB, dC, dD, ddelta_bias, false};
-      scan_bwd_cuda_reduce(b, u.options(), dests, stream);
+      TORCH_CHECK(scan_bwd_cuda_reduce(b, u.options(), dests, stream), "selective_scan: internal error, no backward launched");
     }
 #else
     TORCH_CHECK(false, "selective_scan was built without CUDA");

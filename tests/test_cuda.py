@@ -206,18 +206,20 @@ SLICE_CASES = {
 }
 
 
-@pytest.mark.parametrize("width", ["16", "24"])
+@pytest.mark.parametrize("dstate,width", [(40, "16"), (40, "24"), (72, "40")], ids=["40in16", "40in24", "72in40"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("case", list(SLICE_CASES))
-def test_state_slices(monkeypatch, width, dtype, case):
+def test_state_slices(monkeypatch, dstate, width, dtype, case):
     """A dstate above SELECTIVE_SCAN_STATE_SLICE (default 64) runs as slices of at most that many
     states, one launch each, whose fp32 partial outputs are summed (docs/design.md, "State
-    slices"): at dstate 40, slices of 14, 13 and 13 states (16-bit inputs: the fp32 kernels on
+    slices"): dstate 40 in slices of 14, 13 and 13 states (16-bit inputs: the fp32 kernels on
     widened inputs) or of 20 and 20 (with aligned rows and variable B and C, the 16-bit forward's
-    fp32-output build). out, last_state and every gradient match float64, and a second run is
+    fp32-output build at 8 threads per channel), dstate 72 in slices of 36 and 36 (16 threads per
+    channel: the 16-bit backward's fp32-gradient build, and the forward's with aligned rows and
+    variable B and C). out, last_state and every gradient match float64, and a second run is
     bitwise equal (the slices are added in a fixed order)."""
     monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", width)
-    kw = make_inputs(device="cuda", dtype=dtype, dstate=40, initial_state=True,
+    kw = make_inputs(device="cuda", dtype=dtype, dstate=dstate, initial_state=True,
                      seed=301 + int(width) + len(case), **SLICE_CASES[case])
     check_forward(kw, "cuda", dtype)
     g = check_backward(kw, "cuda", dtype)
@@ -232,7 +234,8 @@ def test_state_slices(monkeypatch, width, dtype, case):
 def test_state_slices_default_width(monkeypatch, dtype, dstate):
     """The default slices (at most 64 states: 50 and 50, or four of 64) with 16-bit inputs, aligned
     rows and variable B and C, where the forward's slices run its fp32-output build at 16 threads
-    per channel: out, last_state and every gradient against float64."""
+    per channel and the backward's its fp32-gradient build: out, last_state and every gradient
+    against float64."""
     monkeypatch.delenv("SELECTIVE_SCAN_STATE_SLICE", raising=False)
     kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=64, seqlen=1024, dstate=dstate, B_form="var",
                      C_form="group", C_groups=2, initial_state=True, seed=341 + dstate)
@@ -273,6 +276,33 @@ def test_fixed_layouts(monkeypatch, pieces, dtype, dstate, seqlen):
                      initial_state=True, seed=211 + dstate + seqlen)
     for name in ("u", "delta", "B", "C"):
         assert kw[name].data_ptr() % 16 == 0 and (kw[name].stride(-2) * kw[name].element_size()) % 16 == 0
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
+
+SMALL_DSTATE_LAYOUTS = {
+    # 80 rows, three chunks (no sequence split): the forward pads to four threads per channel of
+    # four states, the backward runs one state per thread at dstate 2-4
+    "few_rows": dict(batch=2, dim=40, seqlen=130),
+    # 32768 rows: the forward runs one state per thread at dstate 2-4 as well
+    "many_rows": dict(batch=4, dim=8192, seqlen=130),
+    # few rows over 16 chunks: the sequence split, padded in both directions
+    "split": dict(batch=2, dim=12, seqlen=1000),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", list(SMALL_DSTATE_LAYOUTS))
+@pytest.mark.parametrize("dstate", [1, 2, 3, 4, 6])
+def test_small_dstate(monkeypatch, dstate, layout, dtype):
+    """dstate 1-8 runs either one state per thread or four threads per channel of four states
+    padded to 16, chosen by direction, dstate, rows and the sequence split (block_shape,
+    docs/design.md): every choice against float64, with groups of B, variable C and an initial
+    state."""
+    monkeypatch.delenv("SELECTIVE_SCAN_SEQ_SPLITS", raising=False)
+    kw = make_inputs(device="cuda", dtype=dtype, dstate=dstate, B_form="group", C_form="var", B_groups=2,
+                     delta_softplus=True, delta_bias=True, initial_state=True, seed=307 + dstate,
+                     **SMALL_DSTATE_LAYOUTS[layout])
     check_forward(kw, "cuda", dtype)
     check_backward(kw, "cuda", dtype)
 

@@ -9,6 +9,8 @@
 // full pass runs all pieces at once. docs/design.md has the math.
 #pragma once
 
+#include <type_traits>
+
 #include "../cuda/scan_cuda.h"
 #include "scan_common.cuh"
 
@@ -29,15 +31,19 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
 }
 
 // kTPC: threads per channel fixed at compile time (4..32, with kSPT 4: dstate 9-128, the
-// warp-sums path below), or 0 for s.tpc. At 32 (dstate 65-128) the B/C tiles leave room for one
-// block per SM, so that kernel is not held to three blocks' registers.
+// warp-sums path below), or 0 for s.tpc. Kernels of one and four states per thread are held to
+// three blocks' registers (168; at one state per thread, left free, ptxas took 180-190 and two
+// blocks fitted: docs/design.md, item 42); at 32 (dstate 65-128) the B/C tiles leave room for one
+// block per SM, and eight states per thread need more registers, so those two are not held.
 // kAdjointOnly: the first pass of a sequence split, over pieces 1.. (blockIdx.y + 1): from a zero
 // adjoint at the piece's end, the adjoint carried out of its first step (F) and the piece's decay
 // exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
 // kVarBC: B and C both variable (only C for the adjoint-only pass, which reads no B), so that
 // their tile strides are compile-time constants (instantiated with kTPC 4, the common layout).
-template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly, bool kVarBC = false>
-__global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
+// kOutF32: du, ddelta and dz are fp32 with 16-bit inputs (ScanParams::out_f32: a state slice's
+// partial gradients; instantiated at 16 threads per channel, the slices' layout).
+template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly, bool kVarBC = false, bool kOutF32 = false>
+__global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
                                 const ScanBwdPartials parts) {
   const ScanParams& p = bp.fwd;
   extern __shared__ float4 smem_b4[];
@@ -119,9 +125,10 @@ __global__ void __launch_bounds__(128, kSPT == 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const input_t* delta_base = static_cast<const input_t*>(p.delta.ptr) + rows.b * p.delta.batch_stride;
   const input_t* z_base = p.z.ptr ? static_cast<const input_t*>(p.z.ptr) + rows.b * p.z.batch_stride : nullptr;
   const input_t* dout_base = static_cast<const input_t*>(bp.dout.ptr) + rows.b * bp.dout.batch_stride;
-  input_t* du_base = static_cast<input_t*>(bp.du.ptr) + rows.b * bp.du.batch_stride;
-  input_t* ddelta_base = static_cast<input_t*>(bp.ddelta.ptr) + rows.b * bp.ddelta.batch_stride;
-  input_t* dz_base = bp.dz.ptr ? static_cast<input_t*>(bp.dz.ptr) + rows.b * bp.dz.batch_stride : nullptr;
+  using grad_t = std::conditional_t<kOutF32, float, input_t>;
+  grad_t* du_base = static_cast<grad_t*>(bp.du.ptr) + rows.b * bp.du.batch_stride;
+  grad_t* ddelta_base = static_cast<grad_t*>(bp.ddelta.ptr) + rows.b * bp.ddelta.batch_stride;
+  grad_t* dz_base = bp.dz.ptr ? static_cast<grad_t*>(bp.dz.ptr) + rows.b * bp.dz.batch_stride : nullptr;
   const float* D = static_cast<const float*>(p.D);
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
   const float* ckpt = static_cast<const float*>(bp.checkpoints) + row * n_chunks * dstate;
@@ -648,14 +655,17 @@ namespace selective_scan {
 namespace cuda_detail {
 
 template <typename input_t>
-void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, const BlockShape& s,
+bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, const BlockShape& s,
                      cudaStream_t stream) {
   const ScanParams& p = bp.fwd;
   const int esize = sizeof(input_t);
+  const bool out_f32 = p.out_f32 && esize < 4;  // (fp32 inputs write fp32 anyway)
+  const int gsize = out_f32 ? 4 : esize;
+  if (out_f32 && !(bwd_warp_sums(s) && s.tpc == 16)) return false;
   const BwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
                    p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(bp.dout, esize),
-                   rows_aligned(bp.du, esize) && rows_aligned(bp.ddelta, esize) &&
-                       (bp.dz.ptr == nullptr || rows_aligned(bp.dz, esize))};
+                   rows_aligned(bp.du, gsize) && rows_aligned(bp.ddelta, gsize) &&
+                       (bp.dz.ptr == nullptr || rows_aligned(bp.dz, gsize))};
   const int smem = bwd_smem_layout(s).total * static_cast<int>(sizeof(float));
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   const auto launch = [&](auto spt, auto tpc) {
@@ -678,6 +688,13 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
       }
     }
     const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
+    if constexpr (kTPC == 16 && sizeof(input_t) < 4) {
+      if (out_f32) {
+        launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, false, true>, grid, s.threads, smem, stream,
+                       "scan_bwd_kernel (fp32 gradients) launch", bp, s, f, parts);
+        return;
+      }
+    }
     if (kCommon && p.B.is_variable && p.C.is_variable) {
       launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, kCommon>, grid, s.threads, smem, stream,
                      "scan_bwd_kernel launch", bp, s, f, parts);
@@ -698,6 +715,7 @@ void launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
   } else {
     dispatch_spt(s.spt, [&](auto spt) { launch(spt, std::integral_constant<int, 0>{}); });
   }
+  return true;
 }
 
 }  // namespace cuda_detail

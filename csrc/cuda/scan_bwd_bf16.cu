@@ -3,6 +3,6 @@
 
 namespace selective_scan {
 namespace cuda_detail {
-template void launch_scan_bwd<__nv_bfloat16>(const ScanBwdParams&, const ScanBwdPartials&, const BlockShape&, cudaStream_t);
+template bool launch_scan_bwd<__nv_bfloat16>(const ScanBwdParams&, const ScanBwdPartials&, const BlockShape&, cudaStream_t);
 }  // namespace cuda_detail
 }  // namespace selective_scan

@@ -55,14 +55,17 @@ int forced_spt() {
   return forced;
 }
 
+// Fewer threads than this (at four states per thread) leave the GPU short of warps: one state per
+// thread then multiplies them by up to four.
+constexpr int64_t kFewThreads = 32768;
+
 // States per thread: SELECTIVE_SCAN_SPT overrides the choice, for tuning.
 int states_per_thread(const ScanParams& p) {
   const int n = static_cast<int>(p.dstate);
   if (n > 128) return 8;
   const int forced = forced_spt();
   if (forced == 4 || (forced == 1 && n <= 32)) return forced;
-  // One state per thread multiplies the threads by up to 4: worth it when rows are few.
-  return (n <= 32 && threads_at_four_states(p) < 32768) ? 1 : 4;
+  return (n <= 32 && threads_at_four_states(p) < kFewThreads) ? 1 : 4;
 }
 
 // At most this many rows (batch * dim) leave most of the GPU idle: the forward and the backward
@@ -96,18 +99,18 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
   // 4 and 8 states per thread only (launch_scan_fwd / launch_scan_bwd rely on this).
   if (splits > 1 && s.spt == 1) s.spt = 4;
   s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
-  // Few states run at four states per thread and four threads per channel (padded to 16), where
-  // the forward has its fixed layout and the backward its fast path (warp sums): the forward at
-  // dstate 5-8 where it has four states per thread (docs/design.md, item 39), the backward at
-  // dstate 1-8 except 2 (items 18 and 40: at dstate 5-8 21-27% faster than one or four states per
-  // thread at two threads per channel, at dstate 4 38% and at 1 6% faster than one state per
-  // thread; at dstate 2 one state per thread was 6% faster). SELECTIVE_SCAN_SPT keeps the
-  // unpadded layouts.
-  const bool pad_to_16 = forced_spt() == 0 && p.dstate <= 8 &&
-                         (dir == Direction::kBackward ? p.dstate != 2 : p.dstate > 4 && s.spt == 4);
-  if (pad_to_16) {
-    s.spt = 4;
-    s.tpc = 4;
+  // Up to eight states (docs/design.md, items 39, 40 and 42) run at four threads per channel of four
+  // states, padded to 16 (the forward's fixed layout, the backward's fast path), or at one state per
+  // thread: at dstate 2-4, in one piece (the split passes have four or eight states per thread), and
+  // in the forward only where that gives at least kFewThreads threads (with fewer its warps are too
+  // few). SELECTIVE_SCAN_SPT keeps the unpadded layouts.
+  if (forced_spt() == 0 && p.dstate <= 8) {
+    const int one_state_tpc = next_pow2(static_cast<int>(p.dstate));
+    const bool one_state =
+        splits == 1 && p.dstate >= 2 && p.dstate <= 4 &&
+        (dir == Direction::kBackward || p.batch * p.dim * one_state_tpc >= kFewThreads);
+    s.spt = one_state ? 1 : 4;
+    s.tpc = one_state ? one_state_tpc : 4;
   }
   s.cpb = std::max(1, std::min(32, 128 / s.tpc));
   const int64_t gB = p.B.is_variable ? p.B.n_groups : 1;
@@ -166,12 +169,12 @@ bool scan_fwd_cuda(const ScanParams& params, cudaStream_t stream) {
   }
 }
 
-void scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream) {
+bool scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream) {
   const BlockShape s = block_shape(params.fwd, Direction::kBackward);
   switch (params.fwd.input_type) {
-    case ScalarKind::kFloat32: launch_scan_bwd<float>(params, partials, s, stream); break;
-    case ScalarKind::kFloat16: launch_scan_bwd<__half>(params, partials, s, stream); break;
-    case ScalarKind::kBFloat16: launch_scan_bwd<__nv_bfloat16>(params, partials, s, stream); break;
+    case ScalarKind::kFloat32: return launch_scan_bwd<float>(params, partials, s, stream);
+    case ScalarKind::kFloat16: return launch_scan_bwd<__half>(params, partials, s, stream);
+    case ScalarKind::kBFloat16: return launch_scan_bwd<__nv_bfloat16>(params, partials, s, stream);
     default: throw std::runtime_error("selective_scan: unsupported input dtype on CUDA");
   }
 }

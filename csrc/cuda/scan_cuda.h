@@ -35,8 +35,10 @@ struct ScanBwdPartials {
 // (dstate 17-64, variable B and C in the input type, 16-byte aligned rows).
 bool scan_fwd_cuda(const ScanParams& params, cudaStream_t stream);
 // Writes du, ddelta, dz and dinitial_state of `params` and the partials; dA/dB/dC/dD/ddelta_bias
-// of `params` are unused.
-void scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream);
+// of `params` are unused. With params.fwd.out_f32 (du, ddelta and dz fp32 with 16-bit inputs) it
+// returns false, launching nothing, unless the layout is the warp-sums path at 16 threads per
+// channel (dstate 33-64).
+bool scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream);
 
 // The compute capabilities the kernels were compiled for, e.g. "9.0".
 const char* scan_cuda_archs();

@@ -64,7 +64,7 @@ inline dim3 per_state_grid(const ScanParams& p) {
 template <typename input_t>
 bool launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stream);
 template <typename input_t>
-void launch_scan_bwd(const ScanBwdParams& p, const ScanBwdPartials& parts, const BlockShape& s,
+bool launch_scan_bwd(const ScanBwdParams& p, const ScanBwdPartials& parts, const BlockShape& s,
                      cudaStream_t stream);
 
 }  // namespace cuda_detail
