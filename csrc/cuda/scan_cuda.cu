@@ -55,8 +55,9 @@ int forced_spt() {
   return forced;
 }
 
-// Fewer threads than this (at four states per thread) leave the GPU short of warps: one state per
-// thread then multiplies them by up to four.
+// Fewer threads than this leave the GPU short of warps: below it (counted at four states per
+// thread) dstate 9-32 takes one state per thread, which multiplies them by up to four, and the
+// forward at dstate 2-4 takes the padded layout instead of one state per thread (block_shape).
 constexpr int64_t kFewThreads = 32768;
 
 // States per thread: SELECTIVE_SCAN_SPT overrides the choice, for tuning.
