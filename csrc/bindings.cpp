@@ -260,10 +260,8 @@ struct SliceInputs {
   }
 };
 
-// States [n0, n0 + ns) of B or C.
-BCParams bc_slice(const Tensor& X, int64_t n0, int64_t ns) {
-  return bc_params(X.narrow(X.dim() == 2 ? 1 : X.dim() - 2, n0, ns));
-}
+// States [n0, n0 + ns) of a tensor shaped like B or C (B, C or their gradients): a strided view.
+Tensor bc_states(const Tensor& X, int64_t n0, int64_t ns) { return X.narrow(X.dim() == 2 ? 1 : X.dim() - 2, n0, ns); }
 
 // After slice i of `count` has written `part` (slice 0: `sum`): adds it to the fp32 sum of the
 // slices before, in slice order; the last addition writes `result` (rounded once to its type).
@@ -285,8 +283,8 @@ ScanParams slice_params(const Inputs& in, const SliceInputs& w, int64_t n0, int6
   s.u = row_tensor(w.u);
   s.delta = row_tensor(w.delta);
   if (w.z) s.z = row_tensor(*w.z);
-  s.B = bc_slice(w.B, n0, ns);
-  s.C = bc_slice(w.C, n0, ns);
+  s.B = bc_params(bc_states(w.B, n0, ns));
+  s.C = bc_params(bc_states(w.C, n0, ns));
   keep.push_back(in.A.narrow(1, n0, ns).contiguous());
   s.A = keep.back().data_ptr();
   if (n0 > 0) s.D = nullptr;
@@ -428,9 +426,6 @@ struct BwdGrads {
   Tensor du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinit;
 };
 
-// States [n0, n0 + ns) of a gradient of B or C.
-Tensor bc_grad_slice(const Tensor& g, int64_t n0, int64_t ns) { return g.narrow(g.dim() == 2 ? 1 : g.dim() - 2, n0, ns); }
-
 // The backward in state slices of at most `width` (< dstate) states, as the forward: du, ddelta
 // and dz are the rounded sums of the slices' fp32 gradients (D dy and D u enter in the first
 // slice), d(bias) the sum of the slices' (each is the sum over steps of its part of ddelta), dD the
@@ -470,7 +465,7 @@ void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<T
       b.ddelta = row_tensor(dd_s);
       if (in.z) b.dz = row_tensor(dz_s);
       b.dinitial_state = dinit_s.data_ptr();
-      BwdDests dests{g.dA.narrow(1, n0, ns), bc_grad_slice(g.dB, n0, ns), bc_grad_slice(g.dC, n0, ns),
+      BwdDests dests{g.dA.narrow(1, n0, ns), bc_states(g.dB, n0, ns), bc_states(g.dC, n0, ns),
                      first ? optional<Tensor>(g.dD) : optional<Tensor>(), g.ddelta_bias, !first};
       return scan_bwd_cuda_reduce(b, in.u.options(), dests, stream);
     };
