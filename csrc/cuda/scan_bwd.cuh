@@ -50,6 +50,11 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   float* smem = reinterpret_cast<float*>(smem_b4);
   // Four states per thread, kTPC threads per channel: sums over states and channels by shuffles.
   constexpr bool kWarpSums = kSPT == 4 && kTPC >= 4;
+  // At 4 and 8 threads per channel the lanes of a warp's upper half (lane bit 4) hold their four
+  // states in the order 2, 3, 0, 1 (register j: state n0 + (j ^ jswap)), reading B and C from
+  // half-swapped copies of the tiles, so that the first level of the dB / dC warp sums needs no
+  // selects (warp_channel_sums). Host side: bwd_swapped_tiles.
+  constexpr bool kSwapHalves = kWarpSums && kTPC <= 8 && !kAdjointOnly;
   const int tpc = kTPC > 0 ? kTPC : s.tpc;
   const BlockShape shape{kSPT, tpc, s.cpb, s.threads};
   const BwdSmem L = bwd_smem_layout(shape);
@@ -57,7 +62,11 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const int npad = kTPC > 0 ? kTPC * kSPT : L.npad;
   float* s_B = smem;
   float* s_C = s_B + kChunk * npad;
-  float* s_u = s_C + kChunk * npad;
+  // Half-swapped copies of the tiles (kSwapHalves; L.tiles has room for them at 4 and 8 threads
+  // per channel), kSwapPad floats further on.
+  float* s_Bsw = s_C + kChunk * npad + kSwapPad;
+  float* s_Csw = s_Bsw + kChunk * npad;
+  float* s_u = smem + L.tiles;
   float* s_d = s_u + s.cpb * kRow;    // d, then d(loss)/d(delta) once a sub-chunk is done
   float* s_du = s_d + s.cpb * kRow;   // d * u, then d(loss)/du once a sub-chunk is done
   float* s_dy = s_du + s.cpb * kRow;  // dout * silu(z)
@@ -76,6 +85,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const int c = tid / tpc;
   const int q = tid % tpc;
   const int n0 = q * kSPT;
+  const int jswap = kSwapHalves && (lane & 16) ? 2 : 0;  // register j holds state n0 + (j ^ jswap)
   const bool c_valid = c < rows.valid;
   const int64_t d = rows.d0 + (c_valid ? c : 0);
   const int dstate = static_cast<int>(p.dstate);
@@ -95,7 +105,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const float* A = static_cast<const float*>(p.A);
 #pragma unroll
   for (int j = 0; j < kSPT; ++j) {
-    const int n = n0 + j;
+    const int n = n0 + (j ^ jswap);
     const bool nv = n < dstate;
     Af[j] = nv ? A[d * dstate + n] : 0.f;
     A2[j] = Af[j] * kLog2e;
@@ -111,8 +121,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     dA_acc[j] = dB_acc[j] = dC_acc[j] = 0.f;
   }
   int Bstep, Cstep;
-  const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep);
-  const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep);
+  const float* Bsrc = bc_source<input_t, kSPT>(p.B, s_B, d, c, n0, npad, dstate, Bstep, jswap, s_Bsw);
+  const float* Csrc = bc_source<input_t, kSPT>(p.C, s_C, d, c, n0, npad, dstate, Cstep, jswap, s_Csw);
   if constexpr (kVarBC) Bstep = Cstep = npad;  // (the launcher checks the forms)
   float dD_acc = 0.f, dbias_acc = 0.f;
   // kWarpSums: dD and d(delta_bias) accumulated per staged vector of 8 steps; a thread stages the
@@ -234,12 +244,13 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     }
     if (pre_bc) {
       if (tid < npad * (kChunk / kVec)) {
-        if (!kAdjointOnly && p.B.is_variable) store_bc_seg(rb, npad, tid, s_B);
-        if (p.C.is_variable) store_bc_seg(rc, npad, tid, s_C);
+        if (!kAdjointOnly && p.B.is_variable) store_bc_seg(rb, npad, tid, s_B, kSwapHalves ? s_Bsw : nullptr);
+        if (p.C.is_variable) store_bc_seg(rc, npad, tid, s_C, kSwapHalves ? s_Csw : nullptr);
       }
     } else {
-      if (!kAdjointOnly && p.B.is_variable) stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B);
-      if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C);
+      if (!kAdjointOnly && p.B.is_variable)
+        stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B, kSwapHalves ? s_Bsw : nullptr);
+      if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C, kSwapHalves ? s_Csw : nullptr);
     }
     __syncthreads();
 
@@ -285,7 +296,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
       float dsum = 0.f;
 #pragma unroll
       for (int j = 0; j < kSPT; ++j) {
-        h[j] = (n0 + j < dstate) ? ckpt[k * dstate + n0 + j] : 0.f;
+        const int n = n0 + (j ^ jswap);
+        h[j] = n < dstate ? ckpt[k * dstate + n] : 0.f;
         G_decayed[j] = G[j];
       }
       for (int sub = 0; sub < kChunk / kSub; ++sub) {
@@ -367,6 +379,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
           }
         }
       }
+      float dBlate[kSPT], dClate[kSPT];  // kWarpSums: the previous step's dB / dC terms
 #pragma unroll
       for (int kk = kSub - 1; kk >= 0; --kk) {
         const int t = sub * kSub + kk;
@@ -395,10 +408,27 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
           // variable B / C, and over time per thread for time-invariant ones. The warp sums run
           // for both forms, without branches, so that the compiler interleaves the two
           // butterflies; the flush and the per-row store below take the form that applies.
-          const int wrow = (warp * kSub + kk) * (npad + kWarpRowPad);
-          warp_channel_sums<kTPC>(dBt, lane, n0, s_wB + wrow);
-          warp_channel_sums<kTPC>(dCt, lane, n0, s_wC + wrow);
-          if (!p.B.is_variable || !p.C.is_variable) {
+          // Each step's sums are formed one step late, after the next step's arithmetic, so that
+          // their shuffles' latency overlaps it; and with kVarBC the time-invariant accumulation
+          // below is compiled out, so that no branch cuts this loop into one basic block per step
+          // (ptxas then issued each shuffle just before the add that waits for it; design.md,
+          // item 45).
+          if (kk < kSub - 1) {
+            const int wrow = (warp * kSub + kk + 1) * (npad + kWarpRowPad);
+            warp_channel_sums<kTPC, kSwapHalves>(dBlate, lane, n0, s_wB + wrow);
+            warp_channel_sums<kTPC, kSwapHalves>(dClate, lane, n0, s_wC + wrow);
+          }
+          if (kk == 0) {
+            const int wrow = (warp * kSub) * (npad + kWarpRowPad);
+            warp_channel_sums<kTPC, kSwapHalves>(dBt, lane, n0, s_wB + wrow);
+            warp_channel_sums<kTPC, kSwapHalves>(dCt, lane, n0, s_wC + wrow);
+          }
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) {
+            dBlate[j] = dBt[j];
+            dClate[j] = dCt[j];
+          }
+          if (!kVarBC && (!p.B.is_variable || !p.C.is_variable)) {
 #pragma unroll
             for (int j = 0; j < kSPT; ++j) {
               dB_acc[j] += dBt[j];
@@ -574,7 +604,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     if (c_valid) {
 #pragma unroll
       for (int j = 0; j < kSPT; ++j) {
-        const int n = n0 + j;
+        const int n = n0 + (j ^ jswap);
         if (n >= dstate) continue;
         parts.piece_adjoints[piece * piece_states + row * dstate + n] = G[j];
         parts.piece_adjoints[(s.seq_splits + piece) * piece_states + row * dstate + n] = exp2f(A2[j] * delta_sum);
@@ -586,7 +616,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   if (c_valid) {
 #pragma unroll
     for (int j = 0; j < kSPT; ++j) {
-      const int n = n0 + j;
+      const int n = n0 + (j ^ jswap);
       if (n >= dstate) continue;
       if (k_begin == 0) static_cast<float*>(bp.dinitial_state)[row * dstate + n] = G[j];
       parts.dA[prow * dstate + n] = dA_acc[j];

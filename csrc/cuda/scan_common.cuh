@@ -347,14 +347,21 @@ __device__ __forceinline__ RawSeg<T> load_bc_seg_whole(const BCParams& bc, int64
 // Asks the L2 cache for the line holding `ptr`: no register is held and nothing waits for it.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
 
-// Writes segment v into the fp32 tile dst[t * npad + n].
+// Writes segment v into the fp32 tile dst[t * npad + n], and where `swapped` is given into the
+// half-swapped copy swapped[t * npad + (n ^ 2)] as well (each aligned group of four states in the
+// order 2, 3, 0, 1: the backward's upper half-warps read it, see kSwapHalves in scan_bwd.cuh).
 template <typename T>
-__device__ __forceinline__ void store_bc_seg(const RawSeg<T>& s, int npad, int v, float* dst) {
+__device__ __forceinline__ void store_bc_seg(const RawSeg<T>& s, int npad, int v, float* dst,
+                                             float* swapped = nullptr) {
   int n, t;
   tile_seg_pos(v, npad, n, t);
   // Consecutive threads take consecutive states, so that these transposed stores fall in different banks.
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) dst[(t + i) * npad + n] = seg_elem<T>(s.w, i);
+  for (int i = 0; i < kVec; ++i) {
+    const float x = seg_elem<T>(s.w, i);
+    dst[(t + i) * npad + n] = x;
+    if (swapped) swapped[(t + i) * npad + (n ^ 2)] = x;
+  }
 }
 
 // store_bc_seg for a segment loaded by load_bc_seg_whole: zeros for padded states.
@@ -371,13 +378,13 @@ __device__ __forceinline__ void store_bc_seg_whole(const RawSeg<T>& s, int npad,
 // load B and C ahead).
 template <typename input_t>
 __device__ __forceinline__ void stage_bc(const BCParams& bc, int64_t b, int64_t g, int64_t t0, int len,
-                                         int dstate, int npad, float* dst) {
+                                         int dstate, int npad, float* dst, float* swapped = nullptr) {
   const int vecs = npad * (kChunk / kVec);
   for (int v = threadIdx.x; v < vecs; v += blockDim.x) {
     if (bc_fp32<input_t>(bc)) {
-      store_bc_seg(load_bc_seg<float>(bc, b, g, t0, len, dstate, npad, v), npad, v, dst);
+      store_bc_seg(load_bc_seg<float>(bc, b, g, t0, len, dstate, npad, v), npad, v, dst, swapped);
     } else {
-      store_bc_seg(load_bc_seg<input_t>(bc, b, g, t0, len, dstate, npad, v), npad, v, dst);
+      store_bc_seg(load_bc_seg<input_t>(bc, b, g, t0, len, dstate, npad, v), npad, v, dst, swapped);
     }
   }
 }
@@ -391,18 +398,22 @@ __device__ __forceinline__ float channel_sum(float x, int tpc) {
 
 // Where a thread reads B (or C) at step t: src + t * step. A variable B is staged per chunk as a
 // [kChunk][npad] tile (step npad); a time-invariant one is written once into the same tile as
-// [channel][npad] rows (step 0), so the per-step read is the same branch-free load.
+// [channel][npad] rows (step 0), so the per-step read is the same branch-free load. With jswap
+// (0 or 2) the thread's register j holds state n0 + (j ^ jswap): a variable B is then read from
+// the tile's half-swapped copy `swapped` (store_bc_seg) where jswap is 2, and a time-invariant row
+// is written in that order.
 template <typename input_t, int kSPT>
 __device__ __forceinline__ const float* bc_source(const BCParams& bc, float* tile, int64_t d, int c, int n0,
-                                                  int npad, int dstate, int& step) {
+                                                  int npad, int dstate, int& step, int jswap = 0,
+                                                  float* swapped = nullptr) {
   if (bc.is_variable) {
     step = npad;
-    return tile + n0;
+    return (jswap ? swapped : tile) + n0;
   }
 #pragma unroll
   for (int j = 0; j < kSPT; ++j) {
-    const int n = n0 + j;
-    tile[c * npad + n] = n < dstate ? load_bc<input_t>(bc, d * bc.dim_stride + n * bc.dstate_stride) : 0.f;
+    const int n = n0 + (j ^ jswap);
+    tile[c * npad + n0 + j] = n < dstate ? load_bc<input_t>(bc, d * bc.dim_stride + n * bc.dstate_stride) : 0.f;
   }
   step = 0;
   return tile + c * npad + n0;
@@ -502,7 +513,7 @@ __host__ __device__ inline int fwd_smem_floats(const BlockShape& s) {
 constexpr int kRedPad = 16;
 
 struct BwdSmem {
-  int npad, cstride, hck, region, total;
+  int npad, cstride, hck, tiles, region, total;
 };
 
 // The backward's fast path for four states per thread and 4..32 threads per channel (dstate
@@ -520,15 +531,19 @@ constexpr int kWarpRowPad = 4;
 // (32 / kTPC of them: lanes differing in bits log2(kTPC)..4) in a fixed order by a transposed
 // butterfly, and writes each state's sum once into row[n] (the warp's row for the step): with
 // kTPC 4 and 8 a lane ends with one state (2 * bit4 + bit3 of its four), with 16 two, with 32
-// all four (one channel per warp: nothing to sum).
-template <int kTPC>
+// all four (one channel per warp: nothing to sum). At the first level (lanes 16 apart) a lane of
+// the lower half keeps states 0, 1 and sends 2, 3, one of the upper half the reverse; kSwapped:
+// the upper half's x holds its states in the order 2, 3, 0, 1, so that every lane keeps x[0],
+// x[1] and sends x[2], x[3], without selects.
+template <int kTPC, bool kSwapped = false>
 __device__ __forceinline__ void warp_channel_sums(const float (&x)[4], int lane, int n0, float* row) {
   if constexpr (kTPC == 32) {
     *reinterpret_cast<float4*>(row + n0) = make_float4(x[0], x[1], x[2], x[3]);
   } else {
     const bool b4 = (lane >> 4) & 1;
-    const float k0 = b4 ? x[2] : x[0], k1 = b4 ? x[3] : x[1];
-    const float s0 = b4 ? x[0] : x[2], s1 = b4 ? x[1] : x[3];
+    const bool swap = b4 && !kSwapped;
+    const float k0 = swap ? x[2] : x[0], k1 = swap ? x[3] : x[1];
+    const float s0 = swap ? x[0] : x[2], s1 = swap ? x[1] : x[3];
     const float y0 = k0 + __shfl_xor_sync(0xffffffffu, s0, 16);
     const float y1 = k1 + __shfl_xor_sync(0xffffffffu, s1, 16);
     if constexpr (kTPC == 16) {
@@ -542,18 +557,28 @@ __device__ __forceinline__ void warp_channel_sums(const float (&x)[4], int lane,
   }
 }
 
+// The backward's warp sums at 4 and 8 threads per channel read B and C of the warps' upper halves
+// from half-swapped copies of the tiles (kSwapHalves in scan_bwd.cuh).
+__host__ __device__ inline bool bwd_swapped_tiles(const BlockShape& s) { return bwd_warp_sums(s) && s.tpc <= 8; }
+
+// Floats between the tiles and their half-swapped copies: at 16 states (4 threads per channel) a
+// step's row is 16 floats, and a warp's two halves read it from the tile and from its copy; 16
+// floats of offset put the two rows in different banks, so that one access serves the warp.
+constexpr int kSwapPad = 16;
+
 __host__ __device__ inline BwdSmem bwd_smem_layout(const BlockShape& s) {
   BwdSmem l;
   l.npad = s.tpc * s.spt;
   l.cstride = kSub * l.npad + kRedPad;
   l.hck = (kChunk / kSub) * s.threads * s.spt;
+  l.tiles = bwd_swapped_tiles(s) ? 4 * kChunk * l.npad + kSwapPad : 2 * kChunk * l.npad;
   const int fwd_part = s.cpb * kRow;
   // Reverse phase: per-warp channel sums of dB / dC when the warp reduces them by shuffles
   // (bwd_warp_sums), else per-thread sums over states and per-channel dB / dC rows.
   const int rev_part = bwd_warp_sums(s) ? 2 * (s.threads / 32) * kSub * (l.npad + kWarpRowPad)
                                         : 2 * kSub * s.threads + 2 * s.cpb * l.cstride;
   l.region = fwd_part > rev_part ? fwd_part : rev_part;
-  l.total = 2 * kChunk * l.npad + 4 * s.cpb * kRow + l.hck + l.region;
+  l.total = l.tiles + 4 * s.cpb * kRow + l.hck + l.region;
   return l;
 }
 
