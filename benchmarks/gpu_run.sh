@@ -6,7 +6,9 @@
 #            built in the background while this tree builds; then cuda_quickcheck.py --timing-only
 #            runs baseline, this tree, baseline, this tree, and a table compares the medians (AB_SHAPES,
 #            e.g. "8x1536x2048x2,8x1536x2048x16", times those bf16 shapes instead of the anchors; envab
-#            too, unless ENVAB_SHAPES names its own)
+#            too, unless ENVAB_SHAPES names its own). AB_VARIANTS (space-separated tars of further
+#            trees, e.g. one per part of a change) builds and times those too, in the same rounds, each
+#            with its own table against the baseline
 #   envab  - same-run timing of this tree without and with the run-time switches in ENV_AB (e.g.
 #            ENV_AB="SELECTIVE_SCAN_FWD_REGS=128"): cuda_quickcheck.py --timing-only runs without,
 #            with, without, with, and a table compares the medians
@@ -32,12 +34,20 @@ stages=("$@")
 AB_BASELINE=${AB_BASELINE:-build/baseline.tar}
 envab_shapes=${ENVAB_SHAPES:-${AB_SHAPES:-}}
 AB_DIR=/tmp/selective_scan_baseline
-ab_pid=
+read -r -a ab_variants <<< "${AB_VARIANTS:-}"
+ab_pids=()
 if [[ " ${stages[*]} " == *" ab "* ]]; then
-  if [ ! -f "$AB_BASELINE" ]; then echo "ab: $AB_BASELINE not found"; exit 1; fi
-  rm -rf "$AB_DIR" && mkdir -p "$AB_DIR" && tar -xf "$AB_BASELINE" -C "$AB_DIR"
-  ( cd "$AB_DIR" && python3 setup.py build_ext --inplace > "$OUT/ab_baseline_build.log" 2>&1 ) &
-  ab_pid=$!
+  # The baseline's tree, then the variants' (/tmp/selective_scan_variant_1, ...), built in the background.
+  ab_trees=("$AB_BASELINE" "${ab_variants[@]}")
+  for i in "${!ab_trees[@]}"; do
+    tar_file=${ab_trees[$i]}
+    dir=$AB_DIR; log="$OUT/ab_baseline_build.log"
+    [ "$i" -gt 0 ] && dir=/tmp/selective_scan_variant_$i && log="$OUT/ab_variant${i}_build.log"
+    if [ ! -f "$tar_file" ]; then echo "ab: $tar_file not found"; exit 1; fi
+    rm -rf "$dir" && mkdir -p "$dir" && tar -xf "$tar_file" -C "$dir"
+    ( cd "$dir" && python3 setup.py build_ext --inplace > "$log" 2>&1 ) &
+    ab_pids+=($!)
+  done
 fi
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -53,18 +63,32 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     build) ;;
     ab)
-      if ! wait "$ab_pid"; then tail -30 "$OUT/ab_baseline_build.log"; rc=1; continue; fi
+      built=1
+      for pid in "${ab_pids[@]}"; do wait "$pid" || built=0; done
+      if [ "$built" -eq 0 ]; then tail -30 "$OUT"/ab_*_build.log; rc=1; continue; fi
       for run in 1 2; do
         PYTHONPATH="$AB_DIR/python" python3 benchmarks/cuda_quickcheck.py --timing-only ${AB_SHAPES:+--shapes $AB_SHAPES} \
           --out "$OUT/ab_base_$run.json" > "$OUT/ab_base_$run.log" 2>&1 || rc=1
         python3 benchmarks/cuda_quickcheck.py --timing-only ${AB_SHAPES:+--shapes $AB_SHAPES} --out "$OUT/ab_new_$run.json" \
           > "$OUT/ab_new_$run.log" 2>&1 || rc=1
+        for i in "${!ab_variants[@]}"; do
+          v=$((i + 1))
+          PYTHONPATH="/tmp/selective_scan_variant_$v/python" python3 benchmarks/cuda_quickcheck.py --timing-only \
+            ${AB_SHAPES:+--shapes $AB_SHAPES} --out "$OUT/ab_variant${v}_$run.json" > "$OUT/ab_variant${v}_$run.log" 2>&1 || rc=1
+        done
       done
-      if [ -f "$OUT/ab_base_2.json" ] && [ -f "$OUT/ab_new_2.json" ]; then
-        python3 benchmarks/ab_table.py "$OUT"/ab_base_{1,2}.json -- "$OUT"/ab_new_{1,2}.json | tee "$OUT/ab.txt"
-      else
-        echo "ab: a timing run failed (logs: $OUT/ab_*.log)"; tail -5 "$OUT"/ab_*_1.log
-      fi ;;
+      : > "$OUT/ab.txt"
+      labels=(new)
+      for i in "${!ab_variants[@]}"; do labels+=("variant$((i + 1))"); done
+      for label in "${labels[@]}"; do
+        if [ -f "$OUT/ab_base_2.json" ] && [ -f "$OUT/ab_${label}_2.json" ]; then
+          { [ "$label" != new ] && echo "$label (${ab_variants[${label#variant} - 1]}) against the baseline:"
+            python3 benchmarks/ab_table.py "$OUT"/ab_base_{1,2}.json -- "$OUT/ab_${label}_1.json" "$OUT/ab_${label}_2.json"
+          } | tee -a "$OUT/ab.txt"
+        else
+          echo "ab: a timing run failed (logs: $OUT/ab_*.log)"; tail -5 "$OUT"/ab_*_1.log
+        fi
+      done ;;
     envab)
       for run in 1 2; do
         python3 benchmarks/cuda_quickcheck.py --timing-only ${envab_shapes:+--shapes $envab_shapes} --out "$OUT/envab_off_$run.json" \
