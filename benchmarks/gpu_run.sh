@@ -34,15 +34,16 @@ stages=("$@")
 AB_BASELINE=${AB_BASELINE:-build/baseline.tar}
 envab_shapes=${ENVAB_SHAPES:-${AB_SHAPES:-}}
 AB_DIR=/tmp/selective_scan_baseline
+AB_VARIANT_DIR=/tmp/selective_scan_variant_  # + the variant's number, from 1
 read -r -a ab_variants <<< "${AB_VARIANTS:-}"
 ab_pids=()
 if [[ " ${stages[*]} " == *" ab "* ]]; then
-  # The baseline's tree, then the variants' (/tmp/selective_scan_variant_1, ...), built in the background.
+  # The baseline's tree, then the variants' ($AB_VARIANT_DIR1, ...), built in the background.
   ab_trees=("$AB_BASELINE" "${ab_variants[@]}")
   for i in "${!ab_trees[@]}"; do
     tar_file=${ab_trees[$i]}
     dir=$AB_DIR; log="$OUT/ab_baseline_build.log"
-    [ "$i" -gt 0 ] && dir=/tmp/selective_scan_variant_$i && log="$OUT/ab_variant${i}_build.log"
+    [ "$i" -gt 0 ] && dir=$AB_VARIANT_DIR$i && log="$OUT/ab_variant${i}_build.log"
     if [ ! -f "$tar_file" ]; then echo "ab: $tar_file not found"; exit 1; fi
     rm -rf "$dir" && mkdir -p "$dir" && tar -xf "$tar_file" -C "$dir"
     ( cd "$dir" && python3 setup.py build_ext --inplace > "$log" 2>&1 ) &
@@ -73,7 +74,7 @@ for stage in "${stages[@]}"; do
           > "$OUT/ab_new_$run.log" 2>&1 || rc=1
         for i in "${!ab_variants[@]}"; do
           v=$((i + 1))
-          PYTHONPATH="/tmp/selective_scan_variant_$v/python" python3 benchmarks/cuda_quickcheck.py --timing-only \
+          PYTHONPATH="$AB_VARIANT_DIR$v/python" python3 benchmarks/cuda_quickcheck.py --timing-only \
             ${AB_SHAPES:+--shapes $AB_SHAPES} --out "$OUT/ab_variant${v}_$run.json" > "$OUT/ab_variant${v}_$run.log" 2>&1 || rc=1
         done
       done

@@ -39,7 +39,8 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
 // adjoint at the piece's end, the adjoint carried out of its first step (F) and the piece's decay
 // exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
 // kVarBC: B and C both variable (only C for the adjoint-only pass, which reads no B), so that
-// their tile strides are compile-time constants (instantiated with kTPC 4, the common layout).
+// their tile strides are compile-time constants and the reverse loop carries no branch for
+// time-invariant B or C (instantiated with kTPC 4, the common layout).
 // kOutF32: du, ddelta and dz are fp32 with 16-bit inputs (ScanParams::out_f32: a state slice's
 // partial gradients; instantiated at 16 threads per channel, the slices' layout).
 template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly, bool kVarBC = false, bool kOutF32 = false>
@@ -64,8 +65,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   float* s_C = s_B + kChunk * npad;
   // Half-swapped copies of the tiles (kSwapHalves; L.tiles has room for them at 4 and 8 threads
   // per channel), kSwapPad floats further on.
-  float* s_Bsw = s_C + kChunk * npad + kSwapPad;
-  float* s_Csw = s_Bsw + kChunk * npad;
+  float* s_Bsw = kSwapHalves ? s_C + kChunk * npad + kSwapPad : nullptr;
+  float* s_Csw = kSwapHalves ? s_Bsw + kChunk * npad : nullptr;
   float* s_u = smem + L.tiles;
   float* s_d = s_u + s.cpb * kRow;    // d, then d(loss)/d(delta) once a sub-chunk is done
   float* s_du = s_d + s.cpb * kRow;   // d * u, then d(loss)/du once a sub-chunk is done
