@@ -40,7 +40,7 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
 // exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
 // kVarBC: B and C both variable (only C for the adjoint-only pass, which reads no B), so that
 // their tile strides are compile-time constants and the reverse loop carries no branch for
-// time-invariant B or C (instantiated with kTPC 4, the common layout).
+// time-invariant B or C (instantiated at 4, 8 and 16 threads per channel; the adjoint-only pass at 4).
 // kOutF32: du, ddelta and dz are fp32 with 16-bit inputs (ScanParams::out_f32: a state slice's
 // partial gradients; instantiated at 16 threads per channel, the slices' layout).
 template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly, bool kVarBC = false, bool kOutF32 = false>
@@ -701,14 +701,16 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   const auto launch = [&](auto spt, auto tpc) {
     constexpr int kSPT = decltype(spt)::value, kTPC = decltype(tpc)::value;
-    // The constant-stride kernels (kVarBC) at the common layout, four threads per channel.
-    constexpr bool kCommon = kTPC == 4;
+    // The both-variable kernels (kVarBC): the full pass at 4, 8 and 16 threads per channel, the
+    // adjoint-only pass (sequence splits, mostly dstate 16) at 4.
+    constexpr bool kVarFull = kTPC == 4 || kTPC == 8 || kTPC == 16;
+    constexpr bool kVarAdj = kTPC == 4;
     if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
       if (s.seq_splits > 1) {
         if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
         const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits - 1));
-        if (kCommon && p.C.is_variable) {
-          launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true, kCommon>, grid, s.threads, smem, stream,
+        if (kVarAdj && p.C.is_variable) {
+          launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true, kVarAdj>, grid, s.threads, smem, stream,
                          "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
         } else {
           launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true>, grid, s.threads, smem, stream,
@@ -720,14 +722,19 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
     }
     const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
     if constexpr (kTPC == 16 && sizeof(input_t) < 4) {
+      if (out_f32 && p.B.is_variable && p.C.is_variable) {
+        launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, true, true>, grid, s.threads, smem, stream,
+                       "scan_bwd_kernel (fp32 gradients) launch", bp, s, f, parts);
+        return;
+      }
       if (out_f32) {
         launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, false, true>, grid, s.threads, smem, stream,
                        "scan_bwd_kernel (fp32 gradients) launch", bp, s, f, parts);
         return;
       }
     }
-    if (kCommon && p.B.is_variable && p.C.is_variable) {
-      launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, kCommon>, grid, s.threads, smem, stream,
+    if (kVarFull && p.B.is_variable && p.C.is_variable) {
+      launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, kVarFull>, grid, s.threads, smem, stream,
                      "scan_bwd_kernel launch", bp, s, f, parts);
     } else {
       launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false>, grid, s.threads, smem, stream,
