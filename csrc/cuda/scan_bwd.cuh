@@ -147,6 +147,9 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const int64_t slotB = p.B.is_variable ? partial_slot(p, s, p.B, rows) : 0;
   const int64_t slotC = p.C.is_variable ? partial_slot(p, s, p.C, rows) : 0;
 
+  // The chunk's checkpoint copied ahead into shared memory (cp.async): at 16 and 32 threads per
+  // channel, where it measured faster (dstate 64: -1.3%; at 4 and 8 it did not pay, item 47).
+  const bool ckpt_async = kWarpSums && !kAdjointOnly && kTPC >= 16 && dstate % 2 == 0;
   float delta_sum = 0.f;  // adjoint-only pass: sum of the piece's delta (after bias and softplus)
   for (int64_t k = k_end - 1; k >= k_begin; --k) {
     const int64_t t0 = k * kChunk;
@@ -154,6 +157,19 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     // This block's partial dB / dC rows of the chunk (variable B / C): [n][t] with row stride seqlen.
     float* dB_chunk = p.B.is_variable ? parts.dB + ((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate * p.seqlen + t0 : nullptr;
     float* dC_chunk = p.C.is_variable ? parts.dC + ((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate * p.seqlen + t0 : nullptr;
+
+    // ckpt_async (even dstate): the chunk's checkpoint is copied into this thread's slot of the first
+    // sub-chunk in s_hck, where the recompute reads it, while the staging's loads are in flight
+    // (before, its load waited just before the recompute; docs/design.md, item 47). Register j
+    // holds state n0 + (j ^ jswap): two 8-byte copies in that order, zeros past dstate.
+    if (ckpt_async) {
+      const float* ck = ckpt + k * dstate;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int n = n0 + 2 * (half ^ (jswap >> 1));
+        cp_async_8(s_hck + tid * kSPT + 2 * half, n < dstate ? ck + n : ck, n < dstate ? 8 : 0);
+      }
+    }
 
     // Stage u, d, d * u and dy = dout * silu(z); zeros past the end make padded steps inert. Two
     // segments per thread at a time, all loads (and those of B and C when one segment per thread
@@ -253,6 +269,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
         stage_bc<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, s_B, kSwapHalves ? s_Bsw : nullptr);
       if (p.C.is_variable) stage_bc<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, s_C, kSwapHalves ? s_Csw : nullptr);
     }
+    if (ckpt_async) cp_async_wait_all();
     __syncthreads();
 
     const float* __restrict__ my_d = s_d + c * kRow;
@@ -295,12 +312,17 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     {
       float h[kSPT], G_decayed[kSPT];
       float dsum = 0.f;
+      if (ckpt_async) {
+        load_smem<kSPT>(s_hck + tid * kSPT, h);
+      } else {
 #pragma unroll
-      for (int j = 0; j < kSPT; ++j) {
-        const int n = n0 + (j ^ jswap);
-        h[j] = n < dstate ? ckpt[k * dstate + n] : 0.f;
-        G_decayed[j] = G[j];
+        for (int j = 0; j < kSPT; ++j) {
+          const int n = n0 + (j ^ jswap);
+          h[j] = n < dstate ? ckpt[k * dstate + n] : 0.f;
+        }
       }
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) G_decayed[j] = G[j];
       for (int sub = 0; sub < kChunk / kSub; ++sub) {
         store_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h);
         float ys[kSub];

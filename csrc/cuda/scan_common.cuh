@@ -344,6 +344,23 @@ __device__ __forceinline__ RawSeg<T> load_bc_seg_whole(const BCParams& bc, int64
   return load_seg_whole(bc_seg_whole_ptr<T>(bc, b, g, t0, dstate, npad, v), 0);
 }
 
+// Copies 8 bytes from global `src` to shared `dst` asynchronously (cp.async, sm_80+; `bytes` 0
+// fills zeros and reads nothing); cp_async_wait_all() completes this thread's copies.
+__device__ __forceinline__ void cp_async_8(float* dst, const float* src, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(d), "l"(src), "r"(bytes) : "memory");
+#else
+  dst[0] = bytes ? src[0] : 0.f;
+  dst[1] = bytes ? src[1] : 0.f;
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
 // Asks the L2 cache for the line holding `ptr`: no register is held and nothing waits for it.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
 
