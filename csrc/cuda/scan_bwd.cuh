@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const int64_t slotC = p.C.is_variable ? partial_slot(p, s, p.C, rows) : 0;
 
   // The chunk's checkpoint copied ahead into shared memory (cp.async): at 16 and 32 threads per
-  // channel, where it measured faster (dstate 64: -1.3%; at 4 and 8 it did not pay, item 47).
+  // channel, where it measured faster (dstate 64: -1.3%; at 4 and 8 it did not pay, item 48).
   const bool ckpt_async = kWarpSums && !kAdjointOnly && kTPC >= 16 && dstate % 2 == 0;
   float delta_sum = 0.f;  // adjoint-only pass: sum of the piece's delta (after bias and softplus)
   for (int64_t k = k_end - 1; k >= k_begin; --k) {
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
 
     // ckpt_async (even dstate): the chunk's checkpoint is copied into this thread's slot of the first
     // sub-chunk in s_hck, where the recompute reads it, while the staging's loads are in flight
-    // (before, its load waited just before the recompute; docs/design.md, item 47). Register j
+    // (before, its load waited just before the recompute; docs/design.md, item 48). Register j
     // holds state n0 + (j ^ jswap): two 8-byte copies in that order, zeros past dstate.
     if (ckpt_async) {
       const float* ck = ckpt + k * dstate;
