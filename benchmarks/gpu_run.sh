@@ -17,6 +17,8 @@
 #   tests  - the CUDA tests (pytest -m cuda; CUDA_TESTS narrows them, e.g. tests/test_state_update.py)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
+#   breakdown - benchmarks/op_breakdown.py: one forward and one backward split by device kernel at
+#            BREAKDOWN_SHAPES (default "8x1536x2048x16,8x1536x2048x64", bf16; JSON to $OUT)
 #   sanitize - compute-sanitizer memcheck and racecheck on small forwards + backwards (SANITIZE_SHAPES)
 #   profile - Nsight Compute (ncu, full set) on the first forward and backward scan kernels at
 #            PROFILE_SHAPE (default "8 1536 2048 16"); details and per-instruction SASS pages as text
@@ -116,6 +118,9 @@ for stage in "${stages[@]}"; do
       python3 benchmarks/bench_scan.py --device cuda --out "$OUT/bench_h200.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     decode)
       python3 benchmarks/bench_decode.py --device cuda --out "$OUT/decode_h200.json" 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
+    breakdown)
+      python3 benchmarks/op_breakdown.py --device cuda --shapes "${BREAKDOWN_SHAPES:-8x1536x2048x16,8x1536x2048x64}" \
+        --out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log"; rc=$((rc | PIPESTATUS[0])) ;;
     sanitize)
       # SANITIZE_SHAPES: "batch,dim,seqlen,dstate" entries (few rows: they take the sequence split).
       for shape in ${SANITIZE_SHAPES:-2,40,200,16}; do

@@ -47,6 +47,46 @@ def test_benchmark_writes_json(device, tmp_path, capsys):
     assert par["fwdbwd"] > ours["fwdbwd"]  # the materialised scan holds more than the op
 
 
+def _load_script(name):
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # (op_breakdown imports bench_scan)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return mod
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_breakdown(device, tmp_path, capsys):
+    """benchmarks/op_breakdown.py splits a forward and a backward by what runs (device kernels on
+    CUDA, operators on the CPU): the op's own kernel or operator is a row of each table, the shares
+    add up to one, and the JSON holds the machine header and both tables."""
+    script = _load_script("op_breakdown")
+    out = tmp_path / "breakdown.json"
+    tables = script.main(["--device", device, "--shapes", "2x8x70x4", "--dtype", "fp32", "--calls", "2",
+                          "--out", str(out)])
+    assert "us per call" in capsys.readouterr().out
+    assert [t["direction"] for t in tables] == ["fwd", "bwd"]
+    for t in tables:
+        names = [r["name"] for r in t["rows"]]
+        own = f"scan_{t['direction']}_kernel" if device == "cuda" else f"selective_scan::{t['direction']}"
+        assert any(own in n for n in names), f"{own} not among {names}"
+        assert t["total_us"] > 0 and abs(sum(r["share"] for r in t["rows"]) - 1.0) < 1e-6
+    data = json.loads(out.read_text())
+    assert data["machine"]["device"] == device and len(data["tables"]) == 2
+
+
+def test_op_breakdown_rejects_bad_arguments():
+    script = _load_script("op_breakdown")
+    with pytest.raises(SystemExit, match="BATCHxDIMxSEQLENxDSTATE"):
+        script.main(["--device", "cpu", "--shapes", "2x8x70"])
+    with pytest.raises(SystemExit, match="--directions"):
+        script.main(["--device", "cpu", "--directions", "up"])
+
+
 def test_benchmark_rejects_bad_shapes(tmp_path):
     bench = _load_bench()
     with pytest.raises(SystemExit, match="BATCHxDIMxSEQLENxDSTATE"):
