@@ -3,6 +3,7 @@ header and one record per provider and direction, with times and peak memory."""
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -13,11 +14,22 @@ FIELDS = {"provider", "batch", "dim", "seqlen", "dstate", "dtype", "has_z", "dir
           "p20_us", "p80_us", "peak_mem_bytes"}
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_scan", os.path.join(ROOT, "benchmarks", "bench_scan.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def _load_script(name):
+    """benchmarks/<name>.py as a module (benchmarks/ on the path while it loads: op_breakdown
+    imports bench_scan)."""
+    folder = os.path.join(ROOT, "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(folder)
     return mod
+
+
+def _load_bench():
+    return _load_script("bench_scan")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -45,18 +57,6 @@ def test_benchmark_writes_json(device, tmp_path, capsys):
     par = {r["direction"]: r["peak_mem_bytes"] for r in records if r["provider"] == "ref_parallel"}
     ours = {r["direction"]: r["peak_mem_bytes"] for r in records if r["provider"] == "selective_scan"}
     assert par["fwdbwd"] > ours["fwdbwd"]  # the materialised scan holds more than the op
-
-
-def _load_script(name):
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # (op_breakdown imports bench_scan)
-    try:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
-    return mod
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -137,9 +137,7 @@ def test_ab_table_compares_fastest_runs(tmp_path, capsys):
     """The `ab` stage's table: per shape, dtype and direction, each run's median and the change of
     the new build's fastest run against the baseline's (not the means: here those would give
     -23.2% and +23.8%); shapes only one side timed are left out."""
-    spec = importlib.util.spec_from_file_location("ab_table", os.path.join(ROOT, "benchmarks", "ab_table.py"))
-    ab = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ab)
+    ab = _load_script("ab_table")
 
     def write(name, fwd, bwd, extra=False):
         timings = [{"shape": [8, 1536, 2048, 16], "dtype": "torch.bfloat16", "fwd_us": fwd, "bwd_us": bwd}]

@@ -149,7 +149,9 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
 
   // The chunk's checkpoint copied ahead into shared memory (cp.async): at 16 and 32 threads per
   // channel, where it measured faster (dstate 64: -1.3%; at 4 and 8 it did not pay, item 48).
-  const bool ckpt_async = kWarpSums && !kAdjointOnly && kTPC >= 16 && dstate % 2 == 0;
+  constexpr bool kCkptAsync = kWarpSums && !kAdjointOnly && kTPC >= 16;
+  static_assert(!(kCkptAsync && kSwapHalves), "the checkpoint's copies are in state order");
+  const bool ckpt_async = kCkptAsync && dstate % 2 == 0;
   float delta_sum = 0.f;  // adjoint-only pass: sum of the piece's delta (after bias and softplus)
   for (int64_t k = k_end - 1; k >= k_begin; --k) {
     const int64_t t0 = k * kChunk;
@@ -160,13 +162,13 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
 
     // ckpt_async (even dstate): the chunk's checkpoint is copied into this thread's slot of the first
     // sub-chunk in s_hck, where the recompute reads it, while the staging's loads are in flight
-    // (before, its load waited just before the recompute; docs/design.md, item 48). Register j
-    // holds state n0 + (j ^ jswap): two 8-byte copies in that order, zeros past dstate.
+    // (before, its load waited just before the recompute; docs/design.md, item 48): two 8-byte
+    // copies, zeros past dstate.
     if (ckpt_async) {
       const float* ck = ckpt + k * dstate;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int n = n0 + 2 * (half ^ (jswap >> 1));
+        const int n = n0 + 2 * half;
         cp_async_8(s_hck + tid * kSPT + 2 * half, n < dstate ? ck + n : ck, n < dstate ? 8 : 0);
       }
     }
@@ -725,43 +727,44 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
     constexpr int kSPT = decltype(spt)::value, kTPC = decltype(tpc)::value;
     // The both-variable kernels (kVarBC): the full pass at 4, 8 and 16 threads per channel, the
     // adjoint-only pass (sequence splits, mostly dstate 16) at 4.
-    constexpr bool kVarFull = kTPC == 4 || kTPC == 8 || kTPC == 16;
-    constexpr bool kVarAdj = kTPC == 4;
+    using kVarFull = std::bool_constant<kTPC == 4 || kTPC == 8 || kTPC == 16>;
+    using kVarAdj = std::bool_constant<kTPC == 4>;
+    // One pass's kernel (adjoint-only or full; fp32 gradients or not): its both-variable build
+    // where that is compiled (kVar) and `both_variable` holds, else the general one.
+    const auto launch_pass = [&](auto adjoint_only, auto var_build, auto grads_f32, bool both_variable,
+                                 const dim3& grid, const char* what) {
+      constexpr bool kAdj = decltype(adjoint_only)::value, kVar = decltype(var_build)::value;
+      constexpr bool kF32 = decltype(grads_f32)::value;
+      if constexpr (kVar) {
+        if (both_variable) {
+          launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, kAdj, true, kF32>, grid, s.threads, smem, stream,
+                         what, bp, s, f, parts);
+          return;
+        }
+      }
+      launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, kAdj, false, kF32>, grid, s.threads, smem, stream, what,
+                     bp, s, f, parts);
+    };
     if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
       if (s.seq_splits > 1) {
         if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
-        const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits - 1));
-        if (kVarAdj && p.C.is_variable) {
-          launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true, kVarAdj>, grid, s.threads, smem, stream,
-                         "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
-        } else {
-          launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, true>, grid, s.threads, smem, stream,
-                         "scan_bwd_kernel (adjoint-only) launch", bp, s, f, parts);
-        }
+        // (the adjoint-only pass reads no B)
+        launch_pass(std::true_type{}, kVarAdj{}, std::false_type{}, p.C.is_variable,
+                    dim3(blocks, static_cast<unsigned>(s.seq_splits - 1)), "scan_bwd_kernel (adjoint-only) launch");
         launch_checked(scan_bwd_combine_kernel, per_state_grid(p), 256, 0, stream, "scan_bwd_combine_kernel launch",
                        bp, s, parts.piece_adjoints);
       }
     }
     const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits));
+    const bool both_variable = p.B.is_variable && p.C.is_variable;
     if constexpr (kTPC == 16 && sizeof(input_t) < 4) {
-      if (out_f32 && p.B.is_variable && p.C.is_variable) {
-        launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, true, true>, grid, s.threads, smem, stream,
-                       "scan_bwd_kernel (fp32 gradients) launch", bp, s, f, parts);
-        return;
-      }
       if (out_f32) {
-        launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, false, true>, grid, s.threads, smem, stream,
-                       "scan_bwd_kernel (fp32 gradients) launch", bp, s, f, parts);
+        launch_pass(std::false_type{}, kVarFull{}, std::true_type{}, both_variable, grid,
+                    "scan_bwd_kernel (fp32 gradients) launch");
         return;
       }
     }
-    if (kVarFull && p.B.is_variable && p.C.is_variable) {
-      launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false, kVarFull>, grid, s.threads, smem, stream,
-                     "scan_bwd_kernel launch", bp, s, f, parts);
-    } else {
-      launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, false>, grid, s.threads, smem, stream,
-                     "scan_bwd_kernel launch", bp, s, f, parts);
-    }
+    launch_pass(std::false_type{}, kVarFull{}, std::false_type{}, both_variable, grid, "scan_bwd_kernel launch");
   };
   if (bwd_warp_sums(s)) {
     constexpr std::integral_constant<int, 4> four;
