@@ -57,7 +57,14 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   // selects (warp_channel_sums). Host side: bwd_swapped_tiles.
   constexpr bool kSwapHalves = kWarpSums && kTPC <= 8 && !kAdjointOnly;
   const int tpc = kTPC > 0 ? kTPC : s.tpc;
-  const BlockShape shape{kSPT, tpc, s.cpb, s.threads};
+  // The warp-sums kernels run 128 threads, 128 / kTPC channels (launch_scan_bwd checks). At 16 and
+  // 32 threads per channel that layout is taken as compile-time constants, so that the index
+  // arithmetic folds (dstate 64: -3%); at 4 and 8 the same measured slower (+0.1 to +0.7% against
+  // the run-time values; docs/design.md, item 49).
+  constexpr bool kConstLayout = kWarpSums && kTPC >= 16;
+  const int threads = kConstLayout ? 128 : s.threads;
+  const int cpb = kConstLayout ? 128 / kTPC : s.cpb;
+  const BlockShape shape{kSPT, tpc, cpb, threads};
   const BwdSmem L = bwd_smem_layout(shape);
   // L.npad, spelled as a compile-time constant where kTPC is one (the compiler does not fold L's).
   const int npad = kTPC > 0 ? kTPC * kSPT : L.npad;
@@ -68,17 +75,17 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   float* s_Bsw = kSwapHalves ? s_C + kChunk * npad + kSwapPad : nullptr;
   float* s_Csw = kSwapHalves ? s_Bsw + kChunk * npad : nullptr;
   float* s_u = smem + L.tiles;
-  float* s_d = s_u + s.cpb * kRow;    // d, then d(loss)/d(delta) once a sub-chunk is done
-  float* s_du = s_d + s.cpb * kRow;   // d * u, then d(loss)/du once a sub-chunk is done
-  float* s_dy = s_du + s.cpb * kRow;  // dout * silu(z)
-  float* s_hck = s_dy + s.cpb * kRow;
+  float* s_d = s_u + cpb * kRow;    // d, then d(loss)/d(delta) once a sub-chunk is done
+  float* s_du = s_d + cpb * kRow;   // d * u, then d(loss)/du once a sub-chunk is done
+  float* s_dy = s_du + cpb * kRow;  // dout * silu(z)
+  float* s_hck = s_dy + cpb * kRow;
   float* s_y = s_hck + L.hck;           // staging and forward recompute: dout silu'(z), then dz [cpb][kRow]
   float* s_sA = s_y;                    // reverse phase: per-thread sums over states
-  float* s_sB = s_sA + kSub * s.threads;
-  float* s_dBr = s_sB + kSub * s.threads;  // per-channel dB / dC of one sub-chunk
-  float* s_dCr = s_dBr + s.cpb * L.cstride;
+  float* s_sB = s_sA + kSub * threads;
+  float* s_dBr = s_sB + kSub * threads;  // per-channel dB / dC of one sub-chunk
+  float* s_dCr = s_dBr + cpb * L.cstride;
   float* s_wB = s_y;                    // reverse phase with kWarpSums: [warp][kSub][npad + pad] dB / dC
-  float* s_wC = s_wB + (s.threads / 32) * kSub * (npad + kWarpRowPad);
+  float* s_wC = s_wB + (threads / 32) * kSub * (npad + kWarpRowPad);
 
   const BlockRows rows = block_rows(p, s);
   const int tid = threadIdx.x;
@@ -143,7 +150,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   const float* D = static_cast<const float*>(p.D);
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
   const float* ckpt = static_cast<const float*>(bp.checkpoints) + row * n_chunks * dstate;
-  const int vecs = s.cpb * (kChunk / kVec);
+  const int vecs = cpb * (kChunk / kVec);
   const int64_t slotB = p.B.is_variable ? partial_slot(p, s, p.B, rows) : 0;
   const int64_t slotC = p.C.is_variable ? partial_slot(p, s, p.C, rows) : 0;
 
@@ -177,7 +184,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     // segments per thread at a time, all loads (and those of B and C when one segment per thread
     // covers their tiles) issued before any of them is used; the softplus of both segments in one
     // branch, so that the compiler interleaves the sixteen evaluations.
-    const bool pre_bc = npad * (kChunk / kVec) <= s.threads &&
+    const bool pre_bc = npad * (kChunk / kVec) <= threads &&
                         (!p.B.is_variable || kAdjointOnly || !bc_fp32<input_t>(p.B) || sizeof(input_t) == 4) &&
                         (!p.C.is_variable || !bc_fp32<input_t>(p.C) || sizeof(input_t) == 4);
     RawSeg<input_t> rb, rc;
@@ -185,11 +192,11 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
       if (!kAdjointOnly && p.B.is_variable) rb = load_bc_seg<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, tid);
       if (p.C.is_variable) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, tid);
     }
-    for (int first = 0; first < vecs; first += 2 * s.threads) {
+    for (int first = 0; first < vecs; first += 2 * threads) {
       RawSeg<input_t> ru[2], rd[2], rg[2], rz[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int v = first + tid + i * s.threads;
+        const int v = first + tid + i * threads;
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
         zero_seg(rz[i]);
@@ -208,7 +215,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
       float x[2][kVec];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int v = first + tid + i * s.threads;
+        const int v = first + tid + i * threads;
         const int cc = v / (kChunk / kVec);
         const float bias = v < vecs && cc < rows.valid && delta_bias ? delta_bias[rows.d0 + cc] : 0.f;
         seg_floats(rd[i], x[i]);
@@ -224,7 +231,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        const int v = first + tid + i * s.threads;
+        const int v = first + tid + i * threads;
         if (v >= vecs) continue;
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
@@ -326,7 +333,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
 #pragma unroll
       for (int j = 0; j < kSPT; ++j) G_decayed[j] = G[j];
       for (int sub = 0; sub < kChunk / kSub; ++sub) {
-        store_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h);
+        if constexpr (kSPT == 4) st_shared_v4(s_hck + (sub * threads + tid) * kSPT, h[0], h[1], h[2], h[3]);
+        else store_smem<kSPT>(s_hck + (sub * threads + tid) * kSPT, h);
         float ys[kSub];
 #pragma unroll
         for (int kk = 0; kk < kSub; ++kk) {
@@ -367,7 +375,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
 
     // Store dz of the chunk (the y row).
     if (z_base) {
-      for (int v = tid; v < vecs; v += s.threads) {
+      for (int v = tid; v < vecs; v += threads) {
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
         if (cc >= rows.valid || t >= len) continue;
@@ -385,7 +393,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
       // kWarpSums: this thread's sums over its states of each step, summed over the channel's
       // lanes once the sub-chunk is done.
       float sAs[kSub], sBs[kSub];
-      load_smem<kSPT>(s_hck + (sub * s.threads + tid) * kSPT, h0);
+      load_smem<kSPT>(s_hck + (sub * threads + tid) * kSPT, h0);
       {
         float h[kSPT];
 #pragma unroll
@@ -462,8 +470,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
           }
           continue;
         }
-        s_sA[kk * s.threads + tid] = sA;
-        s_sB[kk * s.threads + tid] = sB;
+        s_sA[kk * threads + tid] = sA;
+        s_sB[kk * threads + tid] = sB;
         if (p.B.is_variable) store_smem<kSPT>(s_dBr + c * L.cstride + kk * npad + n0, dBt);
         else {
 #pragma unroll
@@ -504,8 +512,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
         // one state (32-byte stores).
         constexpr int kNpad = kTPC * kSPT;
         constexpr int kWarpRows = kSub * (kNpad + kWarpRowPad);  // one warp's buffer
-        const int nwarps = s.threads / 32;
-        for (int o = tid; o < 2 * kSub * kNpad; o += s.threads) {
+        const int nwarps = threads / 32;
+        for (int o = tid; o < 2 * kSub * kNpad; o += threads) {
           const bool is_C = o >= kSub * kNpad;
           const int oc = is_C ? o - kSub * kNpad : o;
           const int n = oc / kSub, kk = oc % kSub;
@@ -531,8 +539,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
         for (int kk = q; kk < kSub; kk += s.tpc) {
           const int t = sub * kSub + kk;
           if (t >= len) continue;
-          const float* pa = s_sA + kk * s.threads + c * s.tpc;
-          const float* pb = s_sB + kk * s.threads + c * s.tpc;
+          const float* pa = s_sA + kk * threads + c * s.tpc;
+          const float* pb = s_sB + kk * threads + c * s.tpc;
           float sA = 0.f, sB = 0.f;
           for (int r = 0; r < s.tpc; ++r) {
             sA += pa[r];
@@ -556,9 +564,9 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
         const int per_array = kSub * groups;
         const int outputs = 2 * per_array;  // dB's, then dC's
         int splits = 1;
-        while (splits < 32 && 2 * splits * outputs <= s.threads) splits *= 2;
+        while (splits < 32 && 2 * splits * outputs <= threads) splits *= 2;
         const int per_split = (rows.valid + splits - 1) / splits;
-        for (int base = 0; base < outputs * splits; base += s.threads) {
+        for (int base = 0; base < outputs * splits; base += threads) {
           const int item = base + tid;
           const bool active = item < outputs * splits;
           const int o = active ? item / splits : 0;
@@ -596,7 +604,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     }
 
     // Store du and ddelta of the chunk.
-    for (int v = tid; v < vecs; v += s.threads) {
+    for (int v = tid; v < vecs; v += threads) {
       const int cc = v / (kChunk / kVec);
       const int t = (v % (kChunk / kVec)) * kVec;
       if (cc >= rows.valid || t >= len) continue;
@@ -614,10 +622,10 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
         }
       }
       if constexpr (kWarpSums) {
-        float acc = v < s.threads ? dbias_vec[0] : dbias_vec[1];
+        float acc = v < threads ? dbias_vec[0] : dbias_vec[1];
 #pragma unroll
         for (int i = 0; i < kVec; ++i) acc += t + i < len ? b[i] : 0.f;
-        if (v < s.threads) dbias_vec[0] = acc; else dbias_vec[1] = acc;
+        if (v < threads) dbias_vec[0] = acc; else dbias_vec[1] = acc;
       }
       store_vec(du_base + dc * bp.du.dim_stride + t0, t, len, f.grads_aligned, a);
       store_vec(ddelta_base + dc * bp.ddelta.dim_stride + t0, t, len, f.grads_aligned, b);
@@ -656,7 +664,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     const int vecs_per_row = kChunk / kVec;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int v = tid + i * s.threads;
+      const int v = tid + i * threads;
       if (v < vecs) {
         s_red[v] = dD_vec[i];
         s_red[vecs + v] = dbias_vec[i];
@@ -767,6 +775,9 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
     launch_pass(std::false_type{}, kVarFull{}, std::false_type{}, both_variable, grid, "scan_bwd_kernel launch");
   };
   if (bwd_warp_sums(s)) {
+    // (the warp-sums kernels take their layout as constants: 128 threads, 128 / tpc channels)
+    if (s.threads != 128 || s.cpb * s.tpc != 128)
+      throw std::runtime_error("selective_scan: the backward's warp-sums kernels need blocks of 128 threads");
     constexpr std::integral_constant<int, 4> four;
     switch (s.tpc) {
       case 4: launch(four, std::integral_constant<int, 4>{}); break;

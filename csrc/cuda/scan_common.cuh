@@ -135,12 +135,16 @@ __device__ __forceinline__ float sigmoid(float x) { return __fdividef(1.f, 1.f +
 template <typename T>
 __device__ __forceinline__ void store_vec(T* row, int t, int len, bool aligned, const float (&v)[kVec]) {
   if (aligned && t + kVec <= len) {
+    // (Explicit 16-byte stores: written through a uint4 or float4 pointer, the compiler split
+    // them into 4-byte stores, eight per vector in fp32; docs/design.md, item 49.)
     if constexpr (sizeof(T) == 4) {
-      *reinterpret_cast<float4*>(row + t) = make_float4(v[0], v[1], v[2], v[3]);
-      *reinterpret_cast<float4*>(row + t + 4) = make_float4(v[4], v[5], v[6], v[7]);
+      asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(row + t), "f"(v[0]), "f"(v[1]), "f"(v[2]),
+                   "f"(v[3])
+                   : "memory");
+      asm volatile("st.global.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(row + t + 4), "f"(v[4]), "f"(v[5]), "f"(v[6]),
+                   "f"(v[7])
+                   : "memory");
     } else {
-      // (One explicit 16-byte store: written through a uint4 or float4 pointer, the compiler
-      // split the packed words into four 4-byte stores.)
       uint32_t w[kVec / 2];
 #pragma unroll
       for (int i = 0; i < kVec / 2; ++i) w[i] = pack2(from_float<T>(v[2 * i]), from_float<T>(v[2 * i + 1]));
@@ -359,6 +363,15 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
+}
+
+// One 16-byte shared store of four floats (st.shared.v4). The compiler split a float4 store of
+// four values kept in unpaired registers into four 4-byte stores, each of four wavefronts where
+// the lanes' addresses are 16 bytes apart (docs/design.md, item 49). No memory clobber: the
+// kernels read these values only after a block barrier.
+__device__ __forceinline__ void st_shared_v4(float* dst, float a, float b, float c, float d) {
+  const unsigned p = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(p), "f"(a), "f"(b), "f"(c), "f"(d));
 }
 
 // Asks the L2 cache for the line holding `ptr`: no register is held and nothing waits for it.
