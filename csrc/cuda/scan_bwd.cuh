@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   // the run-time values; docs/design.md, item 49).
   constexpr bool kConstLayout = kWarpSums && kTPC >= 16;
   const int threads = kConstLayout ? 128 : s.threads;
-  const int cpb = kConstLayout ? 128 / kTPC : s.cpb;
+  const int cpb = kConstLayout ? 128 / (kTPC > 0 ? kTPC : 1) : s.cpb;
   const BlockShape shape{kSPT, tpc, cpb, threads};
   const BwdSmem L = bwd_smem_layout(shape);
   // L.npad, spelled as a compile-time constant where kTPC is one (the compiler does not fold L's).
