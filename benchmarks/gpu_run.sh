@@ -20,10 +20,15 @@
 #   breakdown - benchmarks/op_breakdown.py: one forward and one backward split by device kernel at
 #            BREAKDOWN_SHAPES (default "8x1536x2048x16,8x1536x2048x64", bf16; JSON to $OUT)
 #   sanitize - compute-sanitizer memcheck and racecheck on small forwards + backwards (SANITIZE_SHAPES)
-#   profile - Nsight Compute (ncu, full set) on the first forward and backward scan kernels at
-#            PROFILE_SHAPE (default "8 1536 2048 16"); details and per-instruction SASS pages as text
+#   profile - Nsight Compute (ncu, full set) on the first PROFILE_COUNT (default 2) kernels matching
+#            PROFILE_KERNELS (default "scan_(fwd|bwd)_kernel") at PROFILE_SHAPE (default
+#            "8 1536 2048 16", then optionally fp32); the details page as text, the per-instruction
+#            SASS page gzipped, and its summary by benchmarks/ncu_sass_summary.py (stall reasons,
+#            loops, shared-memory wavefronts, top instructions); the report itself is not kept
 # Usage: bash benchmarks/gpu_run.sh [stage ...]   (default: tests bench). Logs and JSON go to $OUT.
 # SELECTIVE_SCAN_COMMIT names the commit in the JSON when the tree was copied without its history.
+# SKIP_BUILD=1 skips the build (the extension was built by an earlier invocation in the same call:
+# each build is a full one). Give one invocation all the stages of a call instead where possible.
 # The bench stage writes its JSON after every record; the whole run (anchors, references, sweeps)
 # takes about six minutes on an H200.
 set -uo pipefail
@@ -55,10 +60,13 @@ fi
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$(date +%s.%N)
-if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  echo "build skipped (SKIP_BUILD=1)"
+elif ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -60 "$OUT/build.log"; exit 1
+else
+  echo "build_seconds=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee "$OUT/build_time.txt"
 fi
-echo "build_seconds=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee "$OUT/build_time.txt"
 python3 -c "import selective_scan, torch; print(selective_scan.build_info(), torch.__version__, torch.version.cuda)"
 
 rc=0
@@ -122,7 +130,8 @@ for stage in "${stages[@]}"; do
       python3 benchmarks/op_breakdown.py --device cuda --shapes "${BREAKDOWN_SHAPES:-8x1536x2048x16,8x1536x2048x64}" \
         --out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log"; rc=$((rc | PIPESTATUS[0])) ;;
     sanitize)
-      # SANITIZE_SHAPES: "batch,dim,seqlen,dstate" entries (few rows: they take the sequence split).
+      # SANITIZE_SHAPES: "batch,dim,seqlen,dstate[,fp32]" entries (bf16 unless fp32; few rows: they
+      # take the sequence split).
       for shape in ${SANITIZE_SHAPES:-2,40,200,16}; do
         for tool in memcheck racecheck; do
           log="$OUT/sanitize_${tool}_${shape//,/x}.log"
@@ -133,12 +142,16 @@ for stage in "${stages[@]}"; do
         done
       done ;;
     profile)
-      ncu --set full --clock-control none -k regex:"scan_(fwd|bwd)_kernel" -c 2 --export "$OUT/scan" -f \
-        python3 benchmarks/profile_shape.py ${PROFILE_SHAPE:-8 1536 2048 16} > "$OUT/ncu.log" 2>&1 || rc=1
+      ncu --set full --clock-control none -k regex:"${PROFILE_KERNELS:-scan_(fwd|bwd)_kernel}" -c "${PROFILE_COUNT:-2}" \
+        --export "$OUT/scan" -f python3 benchmarks/profile_shape.py ${PROFILE_SHAPE:-8 1536 2048 16} \
+        > "$OUT/ncu.log" 2>&1 || rc=1
       ncu --import "$OUT/scan.ncu-rep" --page details > "$OUT/ncu_details.txt" 2>&1
       ncu --import "$OUT/scan.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_sass.csv" 2>&1
-      grep -E "scan_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Executed Ipc A|Block Limit" \
-        "$OUT/ncu_details.txt" | head -40 ;;
+      rm -f "$OUT/scan.ncu-rep" && gzip -f -9 "$OUT/ncu_sass.csv"
+      python3 benchmarks/ncu_sass_summary.py "$OUT/ncu_sass.csv.gz" > "$OUT/ncu_summary.txt" 2>&1 || rc=1
+      grep -E "scan_|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Executed Ipc A|Block Limit|L1/TEX Cache Throughput" \
+        "$OUT/ncu_details.txt" | head -40
+      cut -c1-200 "$OUT/ncu_summary.txt" | head -60 ;;
     *)
       echo "unknown stage $stage"; rc=1 ;;
   esac

@@ -157,3 +157,65 @@ def test_ab_table_compares_fastest_runs(tmp_path, capsys):
     assert "1000 1100" in bwd and "1200 1400" in bwd and bwd.endswith("+20.0%")
     with pytest.raises(SystemExit):
         ab.main(base)
+
+
+def _write_sass_page(path, kernels):
+    """A CSV in the layout of ncu's SASS page: per kernel a "Kernel Name" line, the header, then one
+    row per instruction (address, SASS, samples, executed, shared wavefronts, excessive, stalls)."""
+    import csv
+    import gzip
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "L1 Wavefronts Shared", "L1 Wavefronts Shared Excessive", "stall_short_sb", "stall_selected",
+              "stall_short_sb (Not Issued)"]
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        for name, rows in kernels.items():
+            w.writerow(["Kernel Name", name])
+            w.writerow(header)
+            for address, sass, samples, executed, wavefronts, excessive, short_sb in rows:
+                w.writerow([hex(address), sass, samples, executed, wavefronts, excessive, short_sb,
+                            samples - short_sb, 999])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_ncu_sass_summary(tmp_path, capsys, suffix):
+    summary = _load_script("ncu_sass_summary")
+    base = 0x7f0000001000
+    loop_kernel = [  # a prologue, a five-instruction loop run 800000 times by all warps, an epilogue
+        (base + 0x00, "LDC R1, c[0x0][0x28]", 10, 8, 0, 0, 0),
+        (base + 0x10, "LDS.128 R4, [R2]", 30, 800000, 3200000, 0, 20),
+        (base + 0x20, "SHFL.BFLY PT, R5, R4, 0x1, 0x1f", 20, 800000, 0, 0, 10),
+        (base + 0x30, "FADD R6, R4, R5", 100, 800000, 0, 0, 90),
+        (base + 0x40, "STS [R3], R6", 30, 800000, 3200000, 2400000, 0),
+        (base + 0x50, f"@P0 BRA {base + 0x10:#x}", 10, 800000, 0, 0, 0),
+        (base + 0x60, "EXIT", 0, 8, 0, 0, 0),
+    ]
+    path = tmp_path / f"page{suffix}"
+    _write_sass_page(path, {"kernel_a(int)": loop_kernel, "kernel_b(float)": loop_kernel[:1]})
+    kernels = summary.read_kernels(str(path))
+    assert list(kernels) == ["kernel_a(int)", "kernel_b(float)"]
+    assert [len(r) for r in kernels.values()] == [7, 1]
+    assert summary.loops(kernels["kernel_a(int)"]) == [(1, 5)]
+    summary.main([str(path), "--kernel", "kernel_a", "--top", "2", "--window", "0x30", "0x40"])
+    out = capsys.readouterr().out
+    assert "kernel_b" not in out
+    assert "warp instructions 4.0 M, stall samples 200, shared wavefronts 6.4 M (excessive 2.4 M)" in out
+    # stall reasons over the issued-or-not samples only (the "(Not Issued)" columns are left out)
+    assert "short_sb 60.0%, selected 40.0%" in out
+    # the loop: 190 of 200 samples, all but 16 of the instructions, 5 per trip, its wavefronts and
+    # shuffles
+    loop_line = next(line for line in out.splitlines() if line.strip().startswith("0x10-"))
+    assert loop_line.split()[1:] == ["0x50", "n=5", "95.0%", "100.0%", "5", "6.4", "/", "2.4", "0.8"]
+    top = out.split("top 2 instructions by samples")[1].splitlines()[1:3]
+    assert top[0].split()[:3] == ["0x30", "100", "short_sb"] and top[1].split()[:2] in (["0x10", "30"], ["0x40", "30"])
+    window = out.split("instructions 0x30-0x40")[1].splitlines()[1:]
+    assert [w.split()[0] for w in window] == ["0x30", "0x40"]
+
+
+def test_ncu_sass_summary_rejects_a_page_without_kernels(tmp_path):
+    summary = _load_script("ncu_sass_summary")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("nothing here\n")
+    with pytest.raises(SystemExit, match="no kernel"):
+        summary.main([str(empty)])
