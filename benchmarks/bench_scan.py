@@ -347,13 +347,18 @@ def bench_cases(shapes, dtypes, sweeps):
     return cases
 
 
+def parse_shape(text):
+    """(batch, dim, seqlen, dstate) from one BATCHxDIMxSEQLENxDSTATE entry of --shapes."""
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f"--shapes: expected BATCHxDIMxSEQLENxDSTATE entries, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def plan(args, device):
     """(provider, fn, shape, dtype, direction, reason-to-skip-or-None) for every record."""
     if args.shapes:
-        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
-        for s in shapes:
-            if len(s) != 4:
-                raise SystemExit(f"--shapes: expected BATCHxDIMxSEQLENxDSTATE, got {'x'.join(map(str, s))}")
+        shapes = [parse_shape(s) for s in args.shapes.split(",")]
     elif device == "cuda":
         shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
     else:

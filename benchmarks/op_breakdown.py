@@ -17,16 +17,6 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench_scan
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_shape(text):
-    parts = text.lower().split("x")
-    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SystemExit(f"--shapes: expected BATCHxDIMxSEQLENxDSTATE entries, got {text!r}")
-    return tuple(int(p) for p in parts)
-
-
 def event_time_us(event, device):
     """Time of a profiler row summed over its calls: device time of a kernel, self time of a CPU op."""
     if device == "cuda":
@@ -62,7 +52,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--shapes", default="8x1536x2048x16", help="BATCHxDIMxSEQLENxDSTATE, comma-separated")
-    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--dtype", default=None, choices=sorted(bench_scan.DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--directions", default="fwd,bwd", help="fwd, bwd or both")
     ap.add_argument("--calls", type=int, default=5, help="profiled calls per shape and direction")
     ap.add_argument("--rows", type=int, default=8, help="rows printed per table")
@@ -74,12 +64,12 @@ def main(argv=None):
     directions = [d for d in args.directions.split(",") if d]
     if not directions or any(d not in ("fwd", "bwd") for d in directions):
         raise SystemExit(f"--directions: expected fwd, bwd or both, got {args.directions!r}")
-    shapes = [parse_shape(s) for s in args.shapes.split(",") if s]
+    shapes = [bench_scan.parse_shape(s) for s in args.shapes.split(",") if s]
 
     tables = []
     unit = "device kernel" if args.device == "cuda" else "operator (self time)"
     for shape in shapes:
-        kw = bench_scan.make_inputs(*shape, DTYPES[dtype_name], args.device)
+        kw = bench_scan.make_inputs(*shape, bench_scan.DTYPES[dtype_name], args.device)
         for direction in directions:
             step = bench_scan.make_steps(bench_scan.selective_scan_fn, kw, direction, args.device)
             rows, total = breakdown(step, args.device, args.calls)
