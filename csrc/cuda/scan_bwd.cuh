@@ -775,7 +775,8 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
     launch_pass(std::false_type{}, kVarFull{}, std::false_type{}, both_variable, grid, "scan_bwd_kernel launch");
   };
   if (bwd_warp_sums(s)) {
-    // (the warp-sums kernels take their layout as constants: 128 threads, 128 / tpc channels)
+    // (the warp-sums kernels assume 128 threads, 128 / tpc channels; at 16 and 32 threads per
+    // channel they take that layout as compile-time constants, kConstLayout)
     if (s.threads != 128 || s.cpb * s.tpc != 128)
       throw std::runtime_error("selective_scan: the backward's warp-sums kernels need blocks of 128 threads");
     constexpr std::integral_constant<int, 4> four;
