@@ -379,8 +379,38 @@ struct BwdDests {
   bool add_bias;        // add to ddelta_bias instead of writing it
 };
 
+// The sum over the leading (slot) dimension of the fp32 buffer `partial` into `grad` (a gradient, or
+// a state slice's columns of one: rows of contiguous elements at one stride; its element order is
+// that of a slot of `partial`), for sum_partial_slots_cuda.
+SlotSum slot_sum(const Tensor& partial, const Tensor& grad, bool accumulate) {
+  SlotSum w;
+  w.src = partial.data_ptr<float>();
+  w.slots = partial.size(0);
+  w.dst = grad.data_ptr();
+  w.dst_type = kind_of(grad.scalar_type());
+  TORCH_CHECK(w.dst_type != ScalarKind::kFloat64 && (!accumulate || w.dst_type == ScalarKind::kFloat32),
+              "selective_scan: internal error, partial sums into ", grad.scalar_type());
+  w.accumulate = accumulate;
+  int64_t d = grad.dim() - 1, inner = 1;
+  for (; d >= 0 && (grad.size(d) == 1 || grad.stride(d) == inner); --d) inner *= grad.size(d);
+  int64_t rows = 1, row_stride = inner;
+  if (d >= 0) {
+    row_stride = grad.stride(d);
+    for (; d >= 0; --d) {
+      TORCH_CHECK(grad.size(d) == 1 || grad.stride(d) == rows * row_stride,
+                  "selective_scan: internal error, a gradient view the partial sums cannot write");
+      rows *= grad.size(d);
+    }
+  }
+  TORCH_CHECK(partial.numel() == w.slots * rows * inner, "selective_scan: internal error, partial buffer size");
+  w.rows = rows;
+  w.inner = inner;
+  w.row_stride = row_stride;
+  return w;
+}
+
 // Runs the CUDA backward of `b` and reduces its partial sums (fixed slots, summed in a fixed order:
-// the backward is deterministic) into `dests`. A sequence split into `pieces` gives the per-row
+// the backward is deterministic) into `dests`, in one launch (sum_partial_slots_cuda). A sequence split into `pieces` gives the per-row
 // partials one batch block of rows per piece. false, with nothing run or written, where b.fwd.out_f32
 // asks for a layout without an fp32-gradient build (scan_bwd_cuda).
 bool scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts, BwdDests& dests,
@@ -403,21 +433,13 @@ bool scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts,
                         pD.data_ptr<float>(), pbias.data_ptr<float>(),
                         pieces > 1 ? piece_adjoints.data_ptr<float>() : nullptr};
   if (!scan_bwd_cuda(b, parts, stream)) return false;
-  const int64_t slots = 0;  // the slot dimension of every partial buffer
-  at::sum_out(dests.dA, pA, slots);
-  if (dests.dD) at::sum_out(*dests.dD, pD, slots);
-  if (dests.add_bias) {
-    dests.ddelta_bias.add_(pbias.sum(slots));
-  } else {
-    at::sum_out(dests.ddelta_bias, pbias, slots);
-  }
-  // Variable: (batch, n_groups, dstate, seqlen), B's shape viewed so; time-invariant: (dim, dstate).
-  auto slots_view = [](const Tensor& grad, const Tensor& partial) {
-    return grad.dim() == partial.dim() - 1 ? grad : grad.unsqueeze(1);
-  };
-  Tensor dB_slots = slots_view(dests.dB, pB), dC_slots = slots_view(dests.dC, pC);
-  at::sum_out(dB_slots, pB, slots);
-  at::sum_out(dC_slots, pC, slots);
+  // dB / dC: variable (batch, n_groups, dstate, seqlen) in the element order of B's (batch, dstate,
+  // seqlen) or (batch, n_groups, dstate, seqlen); time-invariant (dim, dstate).
+  SlotSum sums[kMaxSlotSums] = {slot_sum(pA, dests.dA, false), slot_sum(pB, dests.dB, false),
+                                slot_sum(pC, dests.dC, false), slot_sum(pbias, dests.ddelta_bias, dests.add_bias)};
+  int count = 4;
+  if (dests.dD) sums[count++] = slot_sum(pD, *dests.dD, false);
+  sum_partial_slots_cuda(sums, count, stream);
   return true;
 }
 
@@ -517,8 +539,15 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
   const bool zeroed = u.is_cpu() || !has_work(p);
   auto grad = [&](at::IntArrayRef sizes) { return zeroed ? at::zeros(sizes, fopts) : at::empty(sizes, fopts); };
   Tensor dA = grad({p.dim, p.dstate});
-  Tensor dB = grad(B.sizes());
-  Tensor dC = grad(C.sizes());
+  // The CUDA backward in one launch writes dB and dC in B's and C's types (its partial sums round
+  // once into them); elsewhere they are formed in the compute type and converted at the end.
+#ifdef SELECTIVE_SCAN_WITH_CUDA
+  const bool bc_own_type = !zeroed && p.dstate <= state_slice_width();
+#else
+  const bool bc_own_type = false;
+#endif
+  Tensor dB = bc_own_type ? at::empty(B.sizes(), B.options().memory_format(at::MemoryFormat::Contiguous)) : grad(B.sizes());
+  Tensor dC = bc_own_type ? at::empty(C.sizes(), C.options().memory_format(at::MemoryFormat::Contiguous)) : grad(C.sizes());
   Tensor dD = grad({p.dim});
   Tensor ddelta_bias = grad({p.dim});
   Tensor dinit = at::empty({p.batch, p.dim, p.dstate}, fopts);

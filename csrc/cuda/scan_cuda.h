@@ -40,6 +40,24 @@ bool scan_fwd_cuda(const ScanParams& params, cudaStream_t stream);
 // channel (dstate 33-64).
 bool scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream);
 
+// One gradient formed from a partial buffer (ScanBwdPartials): the fp32 buffer `src` holds `slots`
+// slices of rows * inner elements each, and element (r, i) of the gradient, at
+// dst[r * row_stride + i] in dst_type, is the sum of the slices' elements r * inner + i, in slot
+// order, rounded once. accumulate (fp32 only) adds the sum to dst instead of writing it.
+struct SlotSum {
+  const float* src = nullptr;
+  int64_t slots = 0;
+  void* dst = nullptr;
+  ScalarKind dst_type = ScalarKind::kFloat32;
+  int64_t rows = 0, inner = 0, row_stride = 0;
+  bool accumulate = false;
+};
+constexpr int kMaxSlotSums = 5;
+
+// Forms up to kMaxSlotSums gradients in one launch on `stream` (partial_sums.cu), each element's
+// sum in a fixed order whatever the launch shape. Throws std::runtime_error on a CUDA error.
+void sum_partial_slots_cuda(const SlotSum* sums, int count, cudaStream_t stream);
+
 // The compute capabilities the kernels were compiled for, e.g. "9.0".
 const char* scan_cuda_archs();
 

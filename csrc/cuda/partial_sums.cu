@@ -1,0 +1,125 @@
+// The backward's last step on CUDA: the fixed-order sums of its partial buffers (dA, dB, dC, dD,
+// d(delta_bias)) into the gradients, all in one launch. Each gradient element is the sum of its
+// slots in slot order (blocks of eight slots summed pairwise, the blocks added in order), rounded
+// once into the gradient's type, so the result does not depend on the launch shape: the backward
+// stays bitwise deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "scan_cuda.h"
+
+namespace selective_scan {
+namespace {
+
+// A launch's jobs. A job whose gradient is contiguous and whose element count is a multiple of
+// four is summed four elements per thread by 16-byte loads (kVec4 units), others one element per
+// thread: each element's sum is formed the same way in both.
+constexpr int kVec4 = 4;
+struct SlotSumJobs {
+  SlotSum job[kMaxSlotSums];
+  int unit[kMaxSlotSums];      // elements per thread: kVec4 or 1
+  int64_t end[kMaxSlotSums];   // running totals of the jobs' units
+  int count = 0;
+};
+
+// Sums over `slots` of the kN consecutive floats at src + s * stride, s in slot order (see the
+// file comment); kN = kVec4 reads them by one 16-byte load per slot.
+template <int kN>
+__device__ __forceinline__ void sum_slots(const float* __restrict__ src, int64_t slots, int64_t stride, float (&total)[kN]) {
+  using Vec = std::conditional_t<kN == kVec4, float4, float>;
+  static_assert(sizeof(Vec) == kN * sizeof(float), "one load per slot");
+#pragma unroll
+  for (int k = 0; k < kN; ++k) total[k] = 0.f;
+  for (int64_t s0 = 0; s0 < slots; s0 += 8) {
+    float x[8][kN];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      Vec v;
+      if (s0 + j < slots) {
+        v = *reinterpret_cast<const Vec*>(src + (s0 + j) * stride);
+      } else {
+        v = Vec{};
+      }
+      memcpy(x[j], &v, sizeof(v));
+    }
+#pragma unroll
+    for (int k = 0; k < kN; ++k)
+      total[k] += ((x[0][k] + x[1][k]) + (x[2][k] + x[3][k])) + ((x[4][k] + x[5][k]) + (x[6][k] + x[7][k]));
+  }
+}
+
+__device__ __forceinline__ void store_sum(const SlotSum& w, int64_t e, float v) {
+  const int64_t o = w.row_stride == w.inner ? e : (e / w.inner) * w.row_stride + e % w.inner;
+  switch (w.dst_type) {
+    case ScalarKind::kBFloat16: static_cast<__nv_bfloat16*>(w.dst)[o] = __float2bfloat16_rn(v); break;
+    case ScalarKind::kFloat16: static_cast<__half*>(w.dst)[o] = __float2half_rn(v); break;
+    default: {
+      float* dst = static_cast<float*>(w.dst) + o;
+      *dst = w.accumulate ? *dst + v : v;
+    }
+  }
+}
+
+__global__ void sum_partial_slots_kernel(const SlotSumJobs jobs) {
+  const int64_t total = jobs.end[jobs.count - 1];
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int j = 0;
+    while (i >= jobs.end[j]) ++j;
+    const SlotSum& w = jobs.job[j];
+    const int64_t stride = w.rows * w.inner;
+    if (jobs.unit[j] == kVec4) {
+      const int64_t e = (i - (j > 0 ? jobs.end[j - 1] : 0)) * kVec4;  // first element within the job
+      float v[kVec4];
+      sum_slots<kVec4>(w.src + e, w.slots, stride, v);
+#pragma unroll
+      for (int k = 0; k < kVec4; ++k) store_sum(w, e + k, v[k]);
+    } else {
+      const int64_t e = i - (j > 0 ? jobs.end[j - 1] : 0);
+      float v[1];
+      sum_slots<1>(w.src + e, w.slots, stride, v);
+      store_sum(w, e, v[0]);
+    }
+  }
+}
+
+}  // namespace
+
+void sum_partial_slots_cuda(const SlotSum* sums, int count, cudaStream_t stream) {
+  if (count < 0 || count > kMaxSlotSums) throw std::runtime_error("selective_scan: too many partial sums in one launch");
+  SlotSumJobs jobs;
+  int64_t total = 0;
+  for (int k = 0; k < count; ++k) {
+    const SlotSum& w = sums[k];
+    if (w.rows * w.inner == 0) continue;
+    if (w.accumulate && w.dst_type != ScalarKind::kFloat32)
+      throw std::runtime_error("selective_scan: partial sums accumulate into fp32 gradients only");
+    const int64_t elements = w.rows * w.inner;
+    const bool vec = w.row_stride == w.inner && elements % kVec4 == 0 && reinterpret_cast<uintptr_t>(w.src) % 16 == 0;
+    jobs.unit[jobs.count] = vec ? kVec4 : 1;
+    total += vec ? elements / kVec4 : elements;
+    jobs.job[jobs.count] = w;
+    jobs.end[jobs.count] = total;
+    ++jobs.count;
+  }
+  if (total == 0) return;
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, std::max(1, sms) * 8);
+  sum_partial_slots_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(jobs);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("selective_scan CUDA error in sum_partial_slots_kernel launch: ") +
+                             cudaGetErrorString(err));
+}
+
+}  // namespace selective_scan
