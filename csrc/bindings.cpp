@@ -410,9 +410,10 @@ SlotSum slot_sum(const Tensor& partial, const Tensor& grad, bool accumulate) {
 }
 
 // Runs the CUDA backward of `b` and reduces its partial sums (fixed slots, summed in a fixed order:
-// the backward is deterministic) into `dests`, in one launch (sum_partial_slots_cuda). A sequence split into `pieces` gives the per-row
-// partials one batch block of rows per piece. false, with nothing run or written, where b.fwd.out_f32
-// asks for a layout without an fp32-gradient build (scan_bwd_cuda).
+// the backward is deterministic) into `dests`, in one launch (sum_partial_slots_cuda). A sequence
+// split into `pieces` gives the per-row partials one batch block of rows per piece. false, with
+// nothing run or written, where b.fwd.out_f32 asks for a layout without an fp32-gradient build
+// (scan_bwd_cuda).
 bool scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts, BwdDests& dests,
                           cudaStream_t stream) {
   const ScanParams& q = b.fwd;

@@ -32,7 +32,8 @@ struct SlotSumJobs {
 // Sums over `slots` of the kN consecutive floats at src + s * stride, s in slot order (see the
 // file comment); kN = kVec4 reads them by one 16-byte load per slot.
 template <int kN>
-__device__ __forceinline__ void sum_slots(const float* __restrict__ src, int64_t slots, int64_t stride, float (&total)[kN]) {
+__device__ __forceinline__ void sum_slots(const float* __restrict__ src, int64_t slots, int64_t stride,
+                                          float (&total)[kN]) {
   using Vec = std::conditional_t<kN == kVec4, float4, float>;
   static_assert(sizeof(Vec) == kN * sizeof(float), "one load per slot");
 #pragma unroll
@@ -93,7 +94,8 @@ __global__ void sum_partial_slots_kernel(const SlotSumJobs jobs) {
 }  // namespace
 
 void sum_partial_slots_cuda(const SlotSum* sums, int count, cudaStream_t stream) {
-  if (count < 0 || count > kMaxSlotSums) throw std::runtime_error("selective_scan: too many partial sums in one launch");
+  if (count < 0 || count > kMaxSlotSums)
+    throw std::runtime_error("selective_scan: too many partial sums in one launch");
   SlotSumJobs jobs;
   int64_t total = 0;
   for (int k = 0; k < count; ++k) {
