@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench_scan
 
+
 def event_time_us(event, device):
     """Time of a profiler row summed over its calls: device time of a kernel, self time of a CPU op."""
     if device == "cuda":

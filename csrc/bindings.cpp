@@ -388,8 +388,6 @@ SlotSum slot_sum(const Tensor& partial, const Tensor& grad, bool accumulate) {
   w.slots = partial.size(0);
   w.dst = grad.data_ptr();
   w.dst_type = kind_of(grad.scalar_type());
-  TORCH_CHECK(w.dst_type != ScalarKind::kFloat64 && (!accumulate || w.dst_type == ScalarKind::kFloat32),
-              "selective_scan: internal error, partial sums into ", grad.scalar_type());
   w.accumulate = accumulate;
   int64_t d = grad.dim() - 1, inner = 1;
   for (; d >= 0 && (grad.size(d) == 1 || grad.stride(d) == inner); --d) inner *= grad.size(d);
@@ -541,9 +539,11 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
   auto grad = [&](at::IntArrayRef sizes) { return zeroed ? at::zeros(sizes, fopts) : at::empty(sizes, fopts); };
   Tensor dA = grad({p.dim, p.dstate});
   // The CUDA backward in one launch writes dB and dC in B's and C's types (its partial sums round
-  // once into them); elsewhere they are formed in the compute type and converted at the end.
+  // once into them); elsewhere (the CPU, an empty problem, a dstate above `width`, which runs in
+  // state slices) they are formed in the compute type and converted at the end.
 #ifdef SELECTIVE_SCAN_WITH_CUDA
-  const bool bc_own_type = !zeroed && p.dstate <= state_slice_width();
+  const int64_t width = state_slice_width();
+  const bool bc_own_type = !zeroed && p.dstate <= width;
 #else
   const bool bc_own_type = false;
 #endif
@@ -580,7 +580,6 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
 #ifdef SELECTIVE_SCAN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(u.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-    const int64_t width = state_slice_width();
     if (p.dstate > width) {
       scan_bwd_cuda_sliced(in, dout, dlast, checkpoints, {du, ddelta, dz, dA, dB, dC, dD, ddelta_bias, dinit},
                            width, stream);

@@ -10,10 +10,9 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
-#include <string>
 #include <type_traits>
 
-#include "scan_cuda.h"
+#include "scan_launch.cuh"
 
 namespace selective_scan {
 namespace {
@@ -100,11 +99,12 @@ void sum_partial_slots_cuda(const SlotSum* sums, int count, cudaStream_t stream)
   int64_t total = 0;
   for (int k = 0; k < count; ++k) {
     const SlotSum& w = sums[k];
-    if (w.rows * w.inner == 0) continue;
-    if (w.accumulate && w.dst_type != ScalarKind::kFloat32)
-      throw std::runtime_error("selective_scan: partial sums accumulate into fp32 gradients only");
+    if (w.dst_type == ScalarKind::kFloat64 || (w.accumulate && w.dst_type != ScalarKind::kFloat32))
+      throw std::runtime_error("selective_scan: partial sums go into fp32, fp16 or bf16 (accumulate: fp32)");
     const int64_t elements = w.rows * w.inner;
-    const bool vec = w.row_stride == w.inner && elements % kVec4 == 0 && reinterpret_cast<uintptr_t>(w.src) % 16 == 0;
+    if (elements == 0) continue;
+    const bool vec =
+        w.row_stride == w.inner && elements % kVec4 == 0 && reinterpret_cast<uintptr_t>(w.src) % 16 == 0;
     jobs.unit[jobs.count] = vec ? kVec4 : 1;
     total += vec ? elements / kVec4 : elements;
     jobs.job[jobs.count] = w;
@@ -112,16 +112,10 @@ void sum_partial_slots_cuda(const SlotSum* sums, int count, cudaStream_t stream)
     ++jobs.count;
   }
   if (total == 0) return;
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   constexpr int kThreads = 256;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, std::max(1, sms) * 8);
-  sum_partial_slots_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(jobs);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("selective_scan CUDA error in sum_partial_slots_kernel launch: ") +
-                             cudaGetErrorString(err));
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t{8} * cuda_detail::sm_count());
+  cuda_detail::launch_checked(sum_partial_slots_kernel, dim3(static_cast<unsigned>(blocks)), kThreads, 0, stream,
+                              "sum_partial_slots_kernel launch", jobs);
 }
 
 }  // namespace selective_scan

@@ -26,14 +26,6 @@ int max_smem_per_block() {
   return bytes;
 }
 
-// Streaming multiprocessors of the current device.
-int sm_count() {
-  int dev = 0, value = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  return value;
-}
-
 enum class Direction { kForward, kBackward };
 
 // Threads per channel at four states per thread: dstate 5-8 takes four, its states padded to 16

@@ -1,6 +1,6 @@
-// Launch templates shared by the per-dtype translation units (scan_{fwd,bwd}_<dtype>.cu) and the
-// host entry points (scan_cuda.cu): the block shape, the launch of one kernel instantiation, and
-// the launch check.
+// Launch templates shared by the per-dtype translation units (scan_{fwd,bwd}_<dtype>.cu), the
+// host entry points (scan_cuda.cu) and the partial sums (partial_sums.cu): the block shape, the
+// launch of one kernel instantiation, and the launch check.
 #pragma once
 
 #include <stdexcept>
@@ -17,6 +17,14 @@ inline void check_cuda(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("selective_scan CUDA error in ") + what + ": " + cudaGetErrorString(err));
   }
+}
+
+// Streaming multiprocessors of the current device.
+inline int sm_count() {
+  int dev = 0, value = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return value;
 }
 
 // Grants a kernel the dynamic shared memory it needs (beyond the default 48 KB).
