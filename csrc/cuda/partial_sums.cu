@@ -17,9 +17,10 @@
 namespace selective_scan {
 namespace {
 
-// A launch's jobs. A job whose gradient is contiguous and whose element count is a multiple of
-// four is summed four elements per thread by 16-byte loads (kVec4 units), others one element per
-// thread: each element's sum is formed the same way in both.
+// A launch's jobs. A job whose rows (runs of contiguous gradient elements: the whole gradient
+// where it is contiguous, a state slice's columns otherwise) are a multiple of four elements long
+// is summed four elements per thread by 16-byte loads (kVec4 units; the four are then in one row),
+// others one element per thread: each element's sum is formed the same way in both.
 constexpr int kVec4 = 4;
 struct SlotSumJobs {
   SlotSum job[kMaxSlotSums];
@@ -55,8 +56,12 @@ __device__ __forceinline__ void sum_slots(const float* __restrict__ src, int64_t
   }
 }
 
-__device__ __forceinline__ void store_sum(const SlotSum& w, int64_t e, float v) {
-  const int64_t o = w.row_stride == w.inner ? e : (e / w.inner) * w.row_stride + e % w.inner;
+// Where element e of a job (in the element order of a slot) lies in its gradient.
+__device__ __forceinline__ int64_t dst_offset(const SlotSum& w, int64_t e) {
+  return w.row_stride == w.inner ? e : (e / w.inner) * w.row_stride + e % w.inner;
+}
+
+__device__ __forceinline__ void store_sum(const SlotSum& w, int64_t o, float v) {
   switch (w.dst_type) {
     case ScalarKind::kBFloat16: static_cast<__nv_bfloat16*>(w.dst)[o] = __float2bfloat16_rn(v); break;
     case ScalarKind::kFloat16: static_cast<__half*>(w.dst)[o] = __float2half_rn(v); break;
@@ -79,13 +84,14 @@ __global__ void sum_partial_slots_kernel(const SlotSumJobs jobs) {
       const int64_t e = (i - (j > 0 ? jobs.end[j - 1] : 0)) * kVec4;  // first element within the job
       float v[kVec4];
       sum_slots<kVec4>(w.src + e, w.slots, stride, v);
+      const int64_t o = dst_offset(w, e);  // (the four elements lie in one row)
 #pragma unroll
-      for (int k = 0; k < kVec4; ++k) store_sum(w, e + k, v[k]);
+      for (int k = 0; k < kVec4; ++k) store_sum(w, o + k, v[k]);
     } else {
       const int64_t e = i - (j > 0 ? jobs.end[j - 1] : 0);
       float v[1];
       sum_slots<1>(w.src + e, w.slots, stride, v);
-      store_sum(w, e, v[0]);
+      store_sum(w, dst_offset(w, e), v[0]);
     }
   }
 }
@@ -103,8 +109,7 @@ void sum_partial_slots_cuda(const SlotSum* sums, int count, cudaStream_t stream)
       throw std::runtime_error("selective_scan: partial sums go into fp32, fp16 or bf16 (accumulate: fp32)");
     const int64_t elements = w.rows * w.inner;
     if (elements == 0) continue;
-    const bool vec =
-        w.row_stride == w.inner && elements % kVec4 == 0 && reinterpret_cast<uintptr_t>(w.src) % 16 == 0;
+    const bool vec = w.inner % kVec4 == 0 && reinterpret_cast<uintptr_t>(w.src) % 16 == 0;
     jobs.unit[jobs.count] = vec ? kVec4 : 1;
     total += vec ? elements / kVec4 : elements;
     jobs.job[jobs.count] = w;

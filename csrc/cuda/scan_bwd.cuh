@@ -202,7 +202,9 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
         zero_seg(rz[i]);
         if (v < vecs && cc < rows.valid) {
           const int64_t dc = rows.d0 + cc;
-          ru[i] = load_seg(u_base + dc * p.u.dim_stride + t0, t, len, f.u_aligned);
+          // (the adjoint-only pass reads neither u nor d * u)
+          if (kAdjointOnly) zero_seg(ru[i]);
+          else ru[i] = load_seg(u_base + dc * p.u.dim_stride + t0, t, len, f.u_aligned);
           rd[i] = load_seg(delta_base + dc * p.delta.dim_stride + t0, t, len, f.delta_aligned);
           rg[i] = load_seg(dout_base + dc * bp.dout.dim_stride + t0, t, len, f.dout_aligned);
           if (z_base) rz[i] = load_seg(z_base + dc * p.z.dim_stride + t0, t, len, f.z_aligned);
@@ -254,9 +256,9 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
         for (int j = 0; j < kVec; ++j) {
           const int e = cc * kRow + t + j;
           const float dd = cv && t + j < len ? x[i][j] : 0.f;
-          s_u[e] = uu[j];
+          if (!kAdjointOnly) s_u[e] = uu[j];
           s_d[e] = dd;
-          s_du[e] = dd * uu[j];
+          if (!kAdjointOnly) s_du[e] = dd * uu[j];
           s_dy[e] = dy[j];
         }
         if constexpr (kWarpSums && !kAdjointOnly) {
