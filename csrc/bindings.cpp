@@ -296,8 +296,9 @@ ScanParams slice_params(const Inputs& in, const SliceInputs& w, int64_t n0, int6
 }
 
 // The forward in state slices of at most `width` (< dstate) states: out is the rounded sum of the
-// slices' fp32 outputs (the last addition writes out, rounding once); last_state and the
-// checkpoints are written per slice into their places.
+// slices' fp32 outputs (the last addition writes out, rounding once); last_state is written per
+// slice into its columns, and each slice writes its columns of the checkpoints in place
+// (ScanParams::checkpoint_row).
 void scan_fwd_cuda_sliced(const Inputs& in, Tensor& out, Tensor& last, Tensor& checkpoints, int64_t width,
                           cudaStream_t stream) {
   const Problem& p = in.p;
@@ -311,14 +312,14 @@ void scan_fwd_cuda_sliced(const Inputs& in, Tensor& out, Tensor& last, Tensor& c
     Tensor& y = i == 0 ? sum : part;
     y = at::empty({p.batch, p.dim, p.seqlen}, f32);
     Tensor last_s = at::empty({p.batch, p.dim, ns}, f32);
-    Tensor ckpt_s = at::empty({p.batch, p.dim, num_checkpoints(p.seqlen), ns}, f32);
     auto run = [&](const SliceInputs& w) {
       std::vector<Tensor> keep;
       ScanParams s = slice_params(in, w, n0, ns, keep);
       s.out = row_tensor(y);
       s.out_f32 = true;
       s.last_state = last_s.data_ptr();
-      s.checkpoints = ckpt_s.data_ptr();
+      s.checkpoints = checkpoints.data_ptr<float>() + n0;  // (its columns, in place)
+      s.checkpoint_row = p.dstate;
       return scan_fwd_cuda(s, stream);
     };
     if (!run(own)) {
@@ -327,7 +328,6 @@ void scan_fwd_cuda_sliced(const Inputs& in, Tensor& out, Tensor& last, Tensor& c
     }
     add_slice(i, slices.size(), sum, part, out);
     last.narrow(2, n0, ns).copy_(last_s);
-    checkpoints.narrow(3, n0, ns).copy_(ckpt_s);
   }
 }
 #endif

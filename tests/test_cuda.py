@@ -243,20 +243,29 @@ def test_state_slices_default_width(monkeypatch, dtype, dstate):
     check_backward(kw, "cuda", dtype)
 
 
-def test_state_slices_match_one_launch(monkeypatch):
-    """dstate 128 in two slices of 64 (the default) against one launch of all 128 states: the same
-    results up to the order of the sums over states (fp32)."""
-    kw = make_inputs(device="cuda", batch=2, dim=64, seqlen=1000, dstate=128, B_form="var",
-                     C_form="group", C_groups=2, initial_state=True, seed=331)
+@pytest.mark.parametrize("dstate,width", [(128, "64"), (100, "64"), (40, "16")], ids=["128in64", "100in64", "40in16"])
+def test_state_slices_match_one_launch(monkeypatch, dstate, width):
+    """dstate 128 in two slices of 64 (the default), 100 in 50 and 50 and 40 in 14, 13 and 13
+    against one launch of all states: the same results up to the order of the sums over states
+    (fp32), and the same checkpoints, which each slice writes into its columns in place (16-byte
+    stores where its columns are 16-byte aligned, 4-byte stores otherwise)."""
+    kw = make_inputs(device="cuda", batch=2, dim=64, seqlen=1000, dstate=dstate, B_form="var",
+                     C_form="group", C_groups=2, initial_state=True, seed=331 + dstate)
     dout, dlast = upstream_grads(kw)
-    runs = {}
-    for width in ("64", "128"):
-        monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", width)
-        runs[width] = grads_of(lambda k: run_op(k, True), kw, dout, dlast)
+    args = (kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["delta_bias"],
+            kw["initial_state"], kw["delta_softplus"])
+    runs, ckpts = {}, {}
+    for w in (width, str(dstate)):
+        monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", w)
+        runs[w] = grads_of(lambda k: run_op(k, True), kw, dout, dlast)
+        ckpts[w] = torch.ops.selective_scan.fwd(*args)[2]
+    one = str(dstate)
     for i, name in ((0, "out"), (1, "last_state")):
-        assert rel_l2(runs["64"][i], runs["128"][i]) < 1e-6, name
-    for name, grad in runs["64"][2].items():
-        assert rel_l2(grad, runs["128"][2][name]) < 1e-5, f"d{name}"
+        assert rel_l2(runs[width][i], runs[one][i]) < 1e-6, name
+    assert ckpts[width].shape == ckpts[one].shape
+    assert rel_l2(ckpts[width], ckpts[one]) < 1e-6, "checkpoints"
+    for name, grad in runs[width][2].items():
+        assert rel_l2(grad, runs[one][2][name]) < 1e-5, f"d{name}"
 
 
 @pytest.mark.parametrize("pieces", ["1", "auto"])

@@ -152,7 +152,12 @@ int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc
   return (s.segments / bc.n_groups) * s.blocks_per_seg;
 }
 
-bool scan_fwd_cuda(const ScanParams& params, cudaStream_t stream) {
+bool scan_fwd_cuda(const ScanParams& params_in, cudaStream_t stream) {
+  // The kernels read the checkpoints' row length from checkpoint_row (ScanParams).
+  ScanParams params = params_in;
+  if (params.checkpoint_row == 0) params.checkpoint_row = params.dstate;
+  if (params.checkpoint_row < params.dstate || params.checkpoint_row > 2147483647)
+    throw std::runtime_error("selective_scan: checkpoint rows shorter than dstate, or too long");
   const BlockShape s = block_shape(params, Direction::kForward);
   switch (params.input_type) {
     case ScalarKind::kFloat32: return launch_scan_fwd<float>(params, s, stream);

@@ -21,6 +21,9 @@ struct FwdFlags {
   bool pre_ud, pre_bc;
   // B and C variable, in the input type, with aligned rows (what pre_bc needs besides room).
   bool bc_vec;
+  // The checkpoints' states as 16-byte aligned groups of four (dstate and row multiples of 4,
+  // aligned start).
+  bool ckpt_vec4;
 };
 
 // B or C, variable, with every [t, t + kVec) row segment 16-byte aligned for t a multiple of kVec
@@ -95,7 +98,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
   const int dstate = static_cast<int>(p.dstate);
 
   const int64_t n_chunks = num_checkpoints(p.seqlen);
-  float* ckpt = static_cast<float*>(p.checkpoints) + (rows.b * p.dim + d) * n_chunks * dstate;
+  const int ck_row = static_cast<int>(p.checkpoint_row);  // (a state slice's row is the whole problem's)
+  float* ckpt = static_cast<float*>(p.checkpoints) + (rows.b * p.dim + d) * n_chunks * ck_row;
   // This block's chunks [k_begin, k_end): all of them, or piece blockIdx.y of a sequence split.
   const int64_t k_begin = s.seq_splits > 1 ? blockIdx.y * s.chunks_per_split : 0;
   const int64_t k_end = s.seq_splits > 1 ? min(n_chunks, k_begin + s.chunks_per_split) : n_chunks;
@@ -113,7 +117,7 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     if (kStateOnly || !nv) {
       h[j] = 0.f;
     } else if (k_begin > 0) {
-      h[j] = ckpt[k_begin * dstate + n];
+      h[j] = ckpt[k_begin * ck_row + n];
     } else {
       h[j] = p.initial_state != nullptr
                  ? static_cast<const float*>(p.initial_state)[(rows.b * p.dim + d) * dstate + n]
@@ -339,19 +343,19 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
     }
 
     // The state before this chunk, for the backward: one 16-byte store where a thread's four
-    // states all exist (dstate a multiple of 4, so the row is 16-byte aligned too).
+    // states all exist (dstate a multiple of 4) and are 16-byte aligned.
     if (!kStateOnly && c_valid) {
       bool stored = false;
       if constexpr (kSPT == 4 && kTPC > 0) {
-        if (dstate % 4 == 0) {
-          if (n0 < dstate) *reinterpret_cast<float4*>(ckpt + k * dstate + n0) = make_float4(h[0], h[1], h[2], h[3]);
+        if (f.ckpt_vec4) {
+          if (n0 < dstate) *reinterpret_cast<float4*>(ckpt + k * ck_row + n0) = make_float4(h[0], h[1], h[2], h[3]);
           stored = true;
         }
       }
       if (!stored) {
 #pragma unroll
         for (int j = 0; j < kSPT; ++j)
-          if (n0 + j < dstate) ckpt[k * dstate + n0 + j] = h[j];
+          if (n0 + j < dstate) ckpt[k * ck_row + n0 + j] = h[j];
       }
     }
     __syncthreads();
@@ -482,8 +486,8 @@ __global__ void __launch_bounds__(128, sizeof(input_t) == 4 || kMoreRegs ? 4 : 5
 #pragma unroll
       for (int j = 0; j < kSPT; ++j) {
         if (n0 + j < dstate) {
-          ckpt[k_end * dstate + n0 + j] = h[j];
-          ckpt[(k_end - 1) * dstate + n0 + j] = exp2f(A2[j] * delta_sum);
+          ckpt[k_end * ck_row + n0 + j] = h[j];
+          ckpt[(k_end - 1) * ck_row + n0 + j] = exp2f(A2[j] * delta_sum);
         }
       }
     }
@@ -503,13 +507,13 @@ static __global__ void scan_fwd_combine_kernel(const ScanParams p, const BlockSh
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (b, d, n)
   if (i >= p.batch * p.dim * p.dstate) return;
   const int64_t row = i / p.dstate, n = i % p.dstate;
-  const int64_t n_chunks = num_checkpoints(p.seqlen);
-  float* ckpt = static_cast<float*>(p.checkpoints) + row * n_chunks * p.dstate + n;
+  const int64_t n_chunks = num_checkpoints(p.seqlen), ck_row = p.checkpoint_row;
+  float* ckpt = static_cast<float*>(p.checkpoints) + row * n_chunks * ck_row + n;
   float H = p.initial_state ? static_cast<const float*>(p.initial_state)[i] : 0.f;
   for (int64_t y = 0; y + 1 < s.seq_splits; ++y) {
     const int64_t k1 = (y + 1) * s.chunks_per_split;
-    H = fmaf(ckpt[(k1 - 1) * p.dstate], H, ckpt[k1 * p.dstate]);
-    ckpt[k1 * p.dstate] = H;
+    H = fmaf(ckpt[(k1 - 1) * ck_row], H, ckpt[k1 * ck_row]);
+    ckpt[k1 * ck_row] = H;
   }
 }
 
@@ -526,7 +530,9 @@ bool launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
   const int esize = sizeof(input_t);
   const bool out_f32 = p.out_f32 && esize < 4;  // (fp32 inputs write fp32 anyway)
   FwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
-             p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, out_f32 ? 4 : esize), false, false};
+             p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(p.out, out_f32 ? 4 : esize), false, false,
+             false,
+             p.dstate % 4 == 0 && p.checkpoint_row % 4 == 0 && reinterpret_cast<uintptr_t>(p.checkpoints) % 16 == 0};
   fwd_prefetch_flags<input_t>(p, s, f);
   // The fixed layouts (dstate 9-64 at four states per thread): aligned rows, variable B and C.
   const bool fixed = s.spt == 4 && s.threads == 128 && f.pre_ud && f.bc_vec;
