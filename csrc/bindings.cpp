@@ -1,8 +1,7 @@
-// The one file that touches torch: op schemas, input checks, params filling, CPU and CUDA impls,
-// and the pybind11 module `selective_scan._C` (the import hook, with build information).
+// The scan's op schemas and their CPU and CUDA impls: input checks, params filling, the state
+// slices, the partial sums' reduction. The pybind11 module `selective_scan._C` is module.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -19,10 +18,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/scan_cuda.h"
-#endif
-
-#ifndef SELECTIVE_SCAN_VERSION
-#define SELECTIVE_SCAN_VERSION "0.0.0"
 #endif
 
 namespace selective_scan {
@@ -618,17 +613,3 @@ TORCH_LIBRARY_IMPL(selective_scan, CUDA, m) {
   m.impl("bwd", &selective_scan::scan_bwd);
 }
 #endif
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "selective_scan native ops (registered under torch.ops.selective_scan) and build info";
-  m.attr("__version__") = SELECTIVE_SCAN_VERSION;
-#ifdef SELECTIVE_SCAN_WITH_CUDA
-  m.attr("with_cuda") = true;
-  m.attr("cuda_archs") = selective_scan::scan_cuda_archs();
-#else
-  m.attr("with_cuda") = false;
-  m.attr("cuda_archs") = "";
-#endif
-  m.attr("checkpoint_chunk") = selective_scan::kCheckpointChunk;
-  m.attr("max_dstate") = selective_scan::kMaxDstate;
-}

@@ -1,6 +1,6 @@
 // Registration of the decode-step op torch.ops.selective_scan.state_update (a fragment of the
 // selective_scan library): input checks whose messages name the argument, the expected and the
-// actual value; params filling; the CPU and CUDA impls. The pybind11 module lives in bindings.cpp.
+// actual value; params filling; the CPU and CUDA impls. The pybind11 module is module.cpp.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
