@@ -5,12 +5,12 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <sstream>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "message_text.h"
 #include "selective_scan.h"
 
 #ifdef SELECTIVE_SCAN_WITH_CUDA
@@ -26,11 +26,7 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-std::string shape_str(const Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+std::string shape_str(const Tensor& t) { return shape_text(t.sizes()); }
 
 std::string dtype_str(const Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
 
@@ -45,7 +41,7 @@ ScalarKind kind_of(at::ScalarType t) {
 }
 
 void check_shape(const char* name, const Tensor& t, at::IntArrayRef expected) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected, ", got ",
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", shape_text(expected), ", got ",
                     shape_str(t));
 }
 
@@ -89,10 +85,10 @@ Problem check_problem(const Tensor& u, const Tensor& delta, const Tensor& A) {
   check_device("A", A, u);
   TORCH_CHECK_TYPE(!A.is_complex(), "A: complex A is not supported, got dtype ", dtype_str(A));
   TORCH_CHECK_VALUE(A.dim() == 2 && A.size(0) == u.size(1),
-                    "A: expected shape (dim, dstate) with dim = ", u.size(1), ", got ", shape_str(A));
+                    "A: expected shape (dim, dstate) with dim = ", num_text(u.size(1)), ", got ", shape_str(A));
   const int64_t dstate = A.size(1);
-  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxDstate, "A: expected 1 <= dstate <= ", kMaxDstate,
-                    ", got dstate = ", dstate);
+  TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxDstate, "A: expected 1 <= dstate <= ", num_text(kMaxDstate),
+                    ", got dstate = ", num_text(dstate));
   const auto ct = it == at::kDouble ? at::kDouble : at::kFloat;
   check_dtype("A", A, ct);
   return {u.size(0), u.size(1), u.size(2), dstate, it, ct};
@@ -133,7 +129,7 @@ BCParams check_bc(const char* name, const Tensor& X, const Problem& p, const Ten
     check_shape(name, X, {p.batch, p.dstate, p.seqlen});
   } else {
     TORCH_CHECK_VALUE(groups >= 1 && p.dim % groups == 0, name, ": expected n_groups dividing dim = ",
-                      p.dim, ", got n_groups = ", groups);
+                      num_text(p.dim), ", got n_groups = ", num_text(groups));
     check_shape(name, X, {p.batch, groups, p.dstate, p.seqlen});
   }
   TORCH_CHECK(X.size(-1) <= 1 || X.stride(-1) == 1, name, ": internal error, seqlen stride must be 1");
@@ -218,14 +214,19 @@ bool has_work(const Problem& p) { return p.batch > 0 && p.dim > 0 && p.seqlen > 
 // in the first slice only) that are added in slice order and rounded once. The forward's fixed
 // layouts at 8 and 16 threads per channel write fp32 outputs from 16-bit inputs; other slices
 // (and the backward's) run the fp32 kernels on inputs widened once.
-// SELECTIVE_SCAN_STATE_SLICE (read per call) sets the width for tuning and tests; a width of at
-// least dstate runs the whole state in one launch.
-constexpr int64_t kStateSlice = 64;
+// SELECTIVE_SCAN_STATE_SLICE (read per call) sets a narrower width for tuning and tests; the
+// kernels hold at most kMaxLaunchStates states, so a wider one is refused.
+constexpr int64_t kStateSlice = kMaxLaunchStates;
 
 int64_t state_slice_width() {
   const char* env = std::getenv("SELECTIVE_SCAN_STATE_SLICE");
-  const int64_t w = env ? std::atoll(env) : kStateSlice;
-  return w >= 1 ? w : kStateSlice;
+  if (env == nullptr) return kStateSlice;
+  char* end = nullptr;
+  const long long w = std::strtoll(env, &end, 10);
+  const bool valid = end != env && *end == '\0' && w >= 1 && w <= kStateSlice;
+  TORCH_CHECK(valid, "SELECTIVE_SCAN_STATE_SLICE: expected a number of states from 1 to ", num_text(kStateSlice),
+              ", got '", env, "'");
+  return w;
 }
 
 // The slices [first state, states) of dstate > width: ceil(dstate / width) of them, as equal as
@@ -349,9 +350,9 @@ std::tuple<Tensor, Tensor, Tensor> scan_fwd(const Tensor& u, const Tensor& delta
     scan_fwd_cpu(s);
   } else {
 #ifdef SELECTIVE_SCAN_WITH_CUDA
+    const int64_t width = state_slice_width();
     const c10::cuda::CUDAGuard guard(u.device());
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-    const int64_t width = state_slice_width();
     if (p.dstate > width) {
       scan_fwd_cuda_sliced(in, out, last, checkpoints, width, stream);
     } else {
@@ -447,7 +448,8 @@ struct BwdGrads {
 // slice), d(bias) the sum of the slices' (each is the sum over steps of its part of ddelta), dD the
 // first slice's (sum_t dy u does not depend on the states); dA, dB, dC and d initial_state are
 // written per slice. A slice runs on the problem's own inputs where its layout has an fp32-gradient
-// build for them, else on inputs widened to fp32.
+// build for them, which reads the slice's columns of the checkpoints in place
+// (ScanParams::checkpoint_row), else on inputs widened to fp32, from a contiguous copy of its columns.
 void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<Tensor>& dlast,
                           const Tensor& checkpoints, BwdGrads g, int64_t width, cudaStream_t stream) {
   const Problem& p = in.p;
@@ -461,7 +463,6 @@ void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<T
     const int64_t n0 = slices[i].first, ns = slices[i].second;
     const bool first = i == 0;
     const Tensor dlast_s = dlast ? dlast->narrow(2, n0, ns).contiguous() : Tensor();
-    const Tensor ckpt_s = checkpoints.narrow(3, n0, ns).contiguous();
     Tensor& du_s = first ? sum_du : part_du;
     Tensor& dd_s = first ? sum_dd : part_dd;
     Tensor& dz_s = first ? sum_dz : part_dz;
@@ -476,7 +477,13 @@ void scan_bwd_cuda_sliced(const Inputs& in, const Tensor& dout, const optional<T
       b.fwd.out_f32 = true;
       b.dout = row_tensor(dout_w);
       if (dlast) b.dlast_state = dlast_s.data_ptr();
-      b.checkpoints = ckpt_s.data_ptr();
+      if (w.type != ScalarKind::kFloat32) {  // (the fp32-gradient build of 16-bit inputs, if any)
+        b.checkpoints = checkpoints.data_ptr<float>() + n0;
+        b.fwd.checkpoint_row = p.dstate;
+      } else {
+        keep.push_back(checkpoints.narrow(3, n0, ns).contiguous());
+        b.checkpoints = keep.back().data_ptr();
+      }
       b.du = row_tensor(du_s);
       b.ddelta = row_tensor(dd_s);
       if (in.z) b.dz = row_tensor(dz_s);
@@ -537,7 +544,7 @@ BwdResult scan_bwd(const Tensor& dout_in, const optional<Tensor>& dlast_state, c
   // once into them); elsewhere (the CPU, an empty problem, a dstate above `width`, which runs in
   // state slices) they are formed in the compute type and converted at the end.
 #ifdef SELECTIVE_SCAN_WITH_CUDA
-  const int64_t width = state_slice_width();
+  const int64_t width = zeroed ? kStateSlice : state_slice_width();  // (read for the CUDA kernels only)
   const bool bc_own_type = !zeroed && p.dstate <= width;
 #else
   const bool bc_own_type = false;

@@ -63,9 +63,9 @@ struct ScanParams {
   RowTensor out;                  // contiguous (batch, dim, seqlen), input type (fp32 with out_f32)
   void* last_state = nullptr;     // (batch, dim, dstate) contiguous, compute type
   void* checkpoints = nullptr;    // (batch, dim, num_checkpoints(seqlen), dstate) contiguous, compute type
-  // CUDA forward only: the checkpoints' row length (elements per (b, d, chunk)) where it is not
-  // dstate (0): a state slice writes its columns of the whole problem's checkpoints in place,
-  // `checkpoints` then pointing at its first column.
+  // CUDA only: the checkpoints' row length (elements per (b, d, chunk)) where it is not dstate
+  // (0): a state slice writes (forward) or reads (backward, 16-bit inputs) its columns of the
+  // whole problem's checkpoints in place, `checkpoints` then pointing at its first column.
   int64_t checkpoint_row = 0;
 };
 

@@ -4,9 +4,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <sstream>
 #include <string>
 
+#include "message_text.h"
 #include "state_update.h"
 
 #ifdef SELECTIVE_SCAN_WITH_CUDA
@@ -22,11 +22,7 @@ namespace {
 using at::Tensor;
 using c10::optional;
 
-std::string shape_of(const Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+std::string shape_of(const Tensor& t) { return shape_text(t.sizes()); }
 
 ScalarKind kind_of(at::ScalarType t) {
   switch (t) {
@@ -43,7 +39,7 @@ void check_device(const char* name, const Tensor& t, const Tensor& state) {
 }
 
 void check_shape(const char* name, const Tensor& t, at::IntArrayRef expected) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, "state_update: ", name, ": expected shape ", expected,
+  TORCH_CHECK_VALUE(t.sizes() == expected, "state_update: ", name, ": expected shape ", shape_text(expected),
                     ", got ", shape_of(t));
 }
 
@@ -78,7 +74,7 @@ Tensor check_bc(const char* name, const Tensor& t, const Tensor& state, at::Scal
   }
   const int64_t groups = t.size(1);
   TORCH_CHECK_VALUE(groups >= 1 && dim % groups == 0, "state_update: ", name,
-                    ": expected n_groups dividing dim = ", dim, ", got n_groups = ", groups);
+                    ": expected n_groups dividing dim = ", num_text(dim), ", got n_groups = ", num_text(groups));
   check_shape(name, t, {batch, groups, dstate});
   return t.stride(2) == 1 ? t : t.contiguous();
 }
@@ -98,10 +94,10 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   check_dtype("state", state, at::kFloat);
   TORCH_CHECK_VALUE(state.size(2) <= 1 || state.stride(2) == 1,
                     "state_update: state: expected unit stride along dstate (it is updated in place), "
-                    "got strides ", state.strides());
+                    "got strides ", shape_text(state.strides()));
   const int64_t batch = state.size(0), dim = state.size(1), dstate = state.size(2);
   TORCH_CHECK_VALUE(dstate >= 1 && dstate <= kMaxDstate, "state_update: state: expected 1 <= dstate <= ",
-                    kMaxDstate, ", got dstate = ", dstate);
+                    num_text(kMaxDstate), ", got dstate = ", num_text(dstate));
   const auto it = x.scalar_type();
   TORCH_CHECK_TYPE(it == at::kFloat || it == at::kHalf || it == at::kBFloat16,
                    "state_update: x: expected dtype float32, float16 or bfloat16, got ", it);
@@ -114,8 +110,8 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   const Tensor A_c = A.stride(1) == 1 ? A : A.contiguous();
   const Tensor B = check_bc("B", B_in, state, it);
   const Tensor C = check_bc("C", C_in, state, it);
-  TORCH_CHECK_VALUE(B.size(1) == C.size(1), "state_update: C: expected n_groups = ", B.size(1),
-                    " (B's), got ", C.size(1));
+  TORCH_CHECK_VALUE(B.size(1) == C.size(1), "state_update: C: expected n_groups = ", num_text(B.size(1)),
+                    " (B's), got ", num_text(C.size(1)));
   TORCH_CHECK_TYPE(B.scalar_type() == C.scalar_type(), "state_update: C: expected dtype ", B.scalar_type(),
                    " (B's), got ", C.scalar_type());
   check_vector("D", D, state);

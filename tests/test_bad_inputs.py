@@ -1,6 +1,6 @@
 """Input validation: every malformed call raises ValueError/TypeError/RuntimeError whose message
 names the argument, the expected value and the actual one; for the public op, for the two
-registered ops directly, and (CUDA) for mismatched devices and float64 on the GPU."""
+registered ops directly, and (CUDA) for shapes, mismatched devices and float64 on the GPU."""
 import pytest
 import torch
 
@@ -97,6 +97,24 @@ CASES = [
 @pytest.mark.parametrize("name,changes,exc,fragments", CASES, ids=[c[0] for c in CASES])
 def test_bad_input(name, changes, exc, fragments):
     kw = base()
+    for arg, fn in changes.items():
+        kw[arg] = fn(kw)
+    with pytest.raises(exc) as info:
+        call(kw)
+    msg = str(info.value)
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in the message {msg!r}"
+
+
+@CUDA
+@pytest.mark.parametrize("name", ["u_rank", "delta_shape", "A_dim_mismatch", "A_dstate_0"])
+def test_bad_input_on_cuda(name):
+    """Some of the cases above with CUDA tensors, whose messages print shapes and numbers: the
+    extension formats those without std::ostream (csrc/message_text.h); with libstdc++ linked into
+    the extension statically, as some toolchains do, inserting an integer into the message's stream
+    crashed the process."""
+    _, changes, exc, fragments = next(c for c in CASES if c[0] == name)
+    kw = base(device="cuda")
     for arg, fn in changes.items():
         kw[arg] = fn(kw)
     with pytest.raises(exc) as info:

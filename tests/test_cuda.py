@@ -230,12 +230,14 @@ def test_state_slices(monkeypatch, dstate, width, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("dstate", [100, 256])
+@pytest.mark.parametrize("dstate", [100, 101, 256])
 def test_state_slices_default_width(monkeypatch, dtype, dstate):
-    """The default slices (at most 64 states: 50 and 50, or four of 64) with 16-bit inputs, aligned
-    rows and variable B and C, where the forward's slices run its fp32-output build at 16 threads
-    per channel and the backward's its fp32-gradient build: out, last_state and every gradient
-    against float64."""
+    """The default slices (at most 64 states: 50 and 50, 51 and 50, or four of 64) with 16-bit
+    inputs, aligned rows and variable B and C, where the forward's slices run its fp32-output build
+    at 16 threads per channel and the backward's its fp32-gradient build, which read and write
+    their columns of the checkpoints in place (at 101 the second slice's columns start at an odd
+    state, so its backward reads them without the 8-byte copies): out, last_state and every
+    gradient against float64."""
     monkeypatch.delenv("SELECTIVE_SCAN_STATE_SLICE", raising=False)
     kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=64, seqlen=1024, dstate=dstate, B_form="var",
                      C_form="group", C_groups=2, initial_state=True, seed=341 + dstate)
@@ -243,29 +245,40 @@ def test_state_slices_default_width(monkeypatch, dtype, dstate):
     check_backward(kw, "cuda", dtype)
 
 
-@pytest.mark.parametrize("dstate,width", [(128, "64"), (100, "64"), (40, "16")], ids=["128in64", "100in64", "40in16"])
-def test_state_slices_match_one_launch(monkeypatch, dstate, width):
-    """dstate 128 in two slices of 64 (the default), 100 in 50 and 50 and 40 in 14, 13 and 13
-    against one launch of all states: the same results up to the order of the sums over states
-    (fp32), and the same checkpoints, which each slice writes into its columns in place (16-byte
-    stores where its columns are 16-byte aligned, 4-byte stores otherwise)."""
+@pytest.mark.parametrize("dstate,width,other", [(128, "64", "32"), (100, "64", "25"), (40, "16", "64")],
+                         ids=["128in64vs32", "100in64vs25", "40in16vs1"])
+def test_state_slices_match_other_slicing(monkeypatch, dstate, width, other):
+    """dstate 128 in two slices of 64 (the default) against four of 32, 100 in 50 and 50 against
+    four of 25, and 40 in 14, 13 and 13 against one launch of all states: the same results up to the
+    order of the sums over states (fp32), and the same checkpoints, which each slice writes into its
+    columns in place (16-byte stores where its columns are 16-byte aligned, 4-byte stores
+    otherwise)."""
     kw = make_inputs(device="cuda", batch=2, dim=64, seqlen=1000, dstate=dstate, B_form="var",
                      C_form="group", C_groups=2, initial_state=True, seed=331 + dstate)
     dout, dlast = upstream_grads(kw)
     args = (kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"], kw["delta_bias"],
             kw["initial_state"], kw["delta_softplus"])
     runs, ckpts = {}, {}
-    for w in (width, str(dstate)):
+    for w in (width, other):
         monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", w)
         runs[w] = grads_of(lambda k: run_op(k, True), kw, dout, dlast)
         ckpts[w] = torch.ops.selective_scan.fwd(*args)[2]
-    one = str(dstate)
     for i, name in ((0, "out"), (1, "last_state")):
-        assert rel_l2(runs[width][i], runs[one][i]) < 1e-6, name
-    assert ckpts[width].shape == ckpts[one].shape
-    assert rel_l2(ckpts[width], ckpts[one]) < 1e-6, "checkpoints"
+        assert rel_l2(runs[width][i], runs[other][i]) < 1e-6, name
+    assert ckpts[width].shape == ckpts[other].shape
+    assert rel_l2(ckpts[width], ckpts[other]) < 1e-6, "checkpoints"
     for name, grad in runs[width][2].items():
-        assert rel_l2(grad, runs[one][2][name]) < 1e-5, f"d{name}"
+        assert rel_l2(grad, runs[other][2][name]) < 1e-5, f"d{name}"
+
+
+@pytest.mark.parametrize("width", ["65", "0", "x", "16x"])
+def test_state_slice_width_checked(monkeypatch, width):
+    """SELECTIVE_SCAN_STATE_SLICE must name 1 to 64 states (the kernels hold at most 64 per
+    launch): anything else is refused with the variable's name and value, not run."""
+    monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", width)
+    kw = make_inputs(device="cuda", batch=1, dim=8, seqlen=64, dstate=16, seed=7)
+    with pytest.raises(RuntimeError, match=f"SELECTIVE_SCAN_STATE_SLICE: expected a number of states from 1 to 64, got '{width}'"):
+        run_op(kw, True)
 
 
 @pytest.mark.parametrize("pieces", ["1", "auto"])

@@ -30,11 +30,10 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
   return (seg % segs_per_group) * s.blocks_per_seg + r.cb;
 }
 
-// kTPC: threads per channel fixed at compile time (4..32, with kSPT 4: dstate 9-128, the
-// warp-sums path below), or 0 for s.tpc. Kernels of one and four states per thread are held to
-// three blocks' registers (168; at one state per thread, left free, ptxas took 180-190 and two
-// blocks fitted: docs/design.md, item 42); at 32 (dstate 65-128) the B/C tiles leave room for one
-// block per SM, and eight states per thread need more registers, so those two are not held.
+// kTPC: threads per channel fixed at compile time (4, 8 or 16, with kSPT 4: dstate 9-64, the
+// warp-sums path below), or 0 for s.tpc. The kernels are held to three blocks' registers (168; at
+// one state per thread, left free, ptxas took 180-190 and two blocks fitted: docs/design.md,
+// item 42).
 // kAdjointOnly: the first pass of a sequence split, over pieces 1.. (blockIdx.y + 1): from a zero
 // adjoint at the piece's end, the adjoint carried out of its first step (F) and the piece's decay
 // exp(A sum_t delta_t) (P), into parts.piece_adjoints[0][piece] and [1][piece]; nothing else.
@@ -44,7 +43,7 @@ __device__ __forceinline__ int64_t partial_slot(const ScanParams& p, const Block
 // kOutF32: du, ddelta and dz are fp32 with 16-bit inputs (ScanParams::out_f32: a state slice's
 // partial gradients; instantiated at 16 threads per channel, the slices' layout).
 template <typename input_t, int kSPT, int kTPC, bool kAdjointOnly, bool kVarBC = false, bool kOutF32 = false>
-__global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
+__global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp, const BlockShape s, const BwdFlags f,
                                 const ScanBwdPartials parts) {
   const ScanParams& p = bp.fwd;
   extern __shared__ float4 smem_b4[];
@@ -57,8 +56,8 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   // selects (warp_channel_sums). Host side: bwd_swapped_tiles.
   constexpr bool kSwapHalves = kWarpSums && kTPC <= 8 && !kAdjointOnly;
   const int tpc = kTPC > 0 ? kTPC : s.tpc;
-  // The warp-sums kernels run 128 threads, 128 / kTPC channels (launch_scan_bwd checks). At 16 and
-  // 32 threads per channel that layout is taken as compile-time constants, so that the index
+  // The warp-sums kernels run 128 threads, 128 / kTPC channels (launch_scan_bwd checks). At 16
+  // threads per channel that layout is taken as compile-time constants, so that the index
   // arithmetic folds (dstate 64: -3%); at 4 and 8 the same measured slower (+0.1 to +0.7% against
   // the run-time values; docs/design.md, item 49).
   constexpr bool kConstLayout = kWarpSums && kTPC >= 16;
@@ -149,16 +148,23 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
   grad_t* dz_base = bp.dz.ptr ? static_cast<grad_t*>(bp.dz.ptr) + rows.b * bp.dz.batch_stride : nullptr;
   const float* D = static_cast<const float*>(p.D);
   const float* delta_bias = static_cast<const float*>(p.delta_bias);
-  const float* ckpt = static_cast<const float*>(bp.checkpoints) + row * n_chunks * dstate;
+  // The checkpoints' row length: a state slice's fp32-gradient build (kOutF32, which only the
+  // slices launch) reads its columns of the whole problem's checkpoints in place, rows of
+  // p.checkpoint_row states; the other kernels read rows of dstate (launch_scan_bwd checks). Only
+  // that build reads the field: reading it in every kernel changed the dstate-16 kernels'
+  // registers and made them slower (docs/design.md, item 51).
+  const int ck_row = kOutF32 ? static_cast<int>(p.checkpoint_row) : dstate;
+  const float* ckpt = static_cast<const float*>(bp.checkpoints) + row * n_chunks * ck_row;
   const int vecs = cpb * (kChunk / kVec);
   const int64_t slotB = p.B.is_variable ? partial_slot(p, s, p.B, rows) : 0;
   const int64_t slotC = p.C.is_variable ? partial_slot(p, s, p.C, rows) : 0;
 
-  // The chunk's checkpoint copied ahead into shared memory (cp.async): at 16 and 32 threads per
+  // The chunk's checkpoint copied ahead into shared memory (cp.async): at 16 threads per
   // channel, where it measured faster (dstate 64: -1.3%; at 4 and 8 it did not pay, item 48).
   constexpr bool kCkptAsync = kWarpSums && !kAdjointOnly && kTPC >= 16;
   static_assert(!(kCkptAsync && kSwapHalves), "the checkpoint's copies are in state order");
-  const bool ckpt_async = kCkptAsync && dstate % 2 == 0;
+  const bool ckpt_async = kCkptAsync && dstate % 2 == 0 &&
+                          (!kOutF32 || (ck_row % 2 == 0 && reinterpret_cast<uintptr_t>(bp.checkpoints) % 8 == 0));
   float delta_sum = 0.f;  // adjoint-only pass: sum of the piece's delta (after bias and softplus)
   for (int64_t k = k_end - 1; k >= k_begin; --k) {
     const int64_t t0 = k * kChunk;
@@ -167,12 +173,12 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
     float* dB_chunk = p.B.is_variable ? parts.dB + ((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate * p.seqlen + t0 : nullptr;
     float* dC_chunk = p.C.is_variable ? parts.dC + ((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate * p.seqlen + t0 : nullptr;
 
-    // ckpt_async (even dstate): the chunk's checkpoint is copied into this thread's slot of the first
+    // ckpt_async (even dstate, 8-byte aligned pairs of states): the chunk's checkpoint is copied into this thread's slot of the first
     // sub-chunk in s_hck, where the recompute reads it, while the staging's loads are in flight
     // (before, its load waited just before the recompute; docs/design.md, item 48): two 8-byte
     // copies, zeros past dstate.
     if (ckpt_async) {
-      const float* ck = ckpt + k * dstate;
+      const float* ck = ckpt + k * ck_row;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int n = n0 + 2 * half;
@@ -329,7 +335,7 @@ __global__ void __launch_bounds__(128, kSPT <= 4 && kTPC != 32 ? 3 : 1) scan_bwd
 #pragma unroll
         for (int j = 0; j < kSPT; ++j) {
           const int n = n0 + (j ^ jswap);
-          h[j] = n < dstate ? ckpt[k * dstate + n] : 0.f;
+          h[j] = n < dstate ? ckpt[k * ck_row + n] : 0.f;
         }
       }
 #pragma unroll
@@ -727,6 +733,10 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
   const bool out_f32 = p.out_f32 && esize < 4;  // (fp32 inputs write fp32 anyway)
   const int gsize = out_f32 ? 4 : esize;
   if (out_f32 && !(bwd_warp_sums(s) && s.tpc == 16)) return false;
+  // (rows of checkpoints wider than dstate: a state slice's columns, read in place by the
+  // fp32-gradient build only)
+  if (p.checkpoint_row != p.dstate && !out_f32)
+    throw std::runtime_error("selective_scan: internal error, checkpoint rows wider than dstate need the fp32-gradient build");
   const BwdFlags f{rows_aligned(p.u, esize), rows_aligned(p.delta, esize),
                    p.z.ptr == nullptr || rows_aligned(p.z, esize), rows_aligned(bp.dout, esize),
                    rows_aligned(bp.du, gsize) && rows_aligned(bp.ddelta, gsize) &&
@@ -755,7 +765,7 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
       launch_checked(scan_bwd_kernel<input_t, kSPT, kTPC, kAdj, false, kF32>, grid, s.threads, smem, stream, what,
                      bp, s, f, parts);
     };
-    if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
+    if constexpr (kSPT != 1) {  // block_shape splits only at four states per thread
       if (s.seq_splits > 1) {
         if (parts.piece_adjoints == nullptr) throw std::runtime_error("selective_scan: sequence split without scratch");
         // (the adjoint-only pass reads no B)
@@ -777,8 +787,8 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
     launch_pass(std::false_type{}, kVarFull{}, std::false_type{}, both_variable, grid, "scan_bwd_kernel launch");
   };
   if (bwd_warp_sums(s)) {
-    // (the warp-sums kernels assume 128 threads, 128 / tpc channels; at 16 and 32 threads per
-    // channel they take that layout as compile-time constants, kConstLayout)
+    // (the warp-sums kernels assume 128 threads, 128 / tpc channels; at 16 threads per channel
+    // they take that layout as compile-time constants, kConstLayout)
     if (s.threads != 128 || s.cpb * s.tpc != 128)
       throw std::runtime_error("selective_scan: the backward's warp-sums kernels need blocks of 128 threads");
     constexpr std::integral_constant<int, 4> four;
@@ -786,7 +796,6 @@ bool launch_scan_bwd(const ScanBwdParams& bp, const ScanBwdPartials& parts, cons
       case 4: launch(four, std::integral_constant<int, 4>{}); break;
       case 8: launch(four, std::integral_constant<int, 8>{}); break;
       case 16: launch(four, std::integral_constant<int, 16>{}); break;
-      case 32: launch(four, std::integral_constant<int, 32>{}); break;
       default: throw std::runtime_error("selective_scan: unsupported threads per channel");
     }
   } else {

@@ -302,7 +302,7 @@ __host__ __device__ __forceinline__ bool bc_fp32(const BCParams& bc) {
 }
 
 // Segment v of a [kChunk][npad] tile: state n = v % npad, first step t = (v / npad) * kVec. npad
-// (threads per channel, a power of two, times 1, 4 or 8 states per thread) is a power of two, so
+// (threads per channel, a power of two, times 1 or 4 states per thread) is a power of two, so
 // these are a mask and a shift rather than a division.
 __device__ __forceinline__ void tile_seg_pos(int v, int npad, int& n, int& t) {
   n = v & (npad - 1);
@@ -546,8 +546,8 @@ struct BwdSmem {
   int npad, cstride, hck, tiles, region, total;
 };
 
-// The backward's fast path for four states per thread and 4..32 threads per channel (dstate
-// 9..128): sums over a channel's threads and over a warp's channels by shuffles, without
+// The backward's fast path for four states per thread and 4, 8 or 16 threads per channel (dstate
+// 9..64): sums over a channel's threads and over a warp's channels by shuffles, without
 // per-thread shared-memory rows. Needs whole warps.
 __host__ __device__ inline bool bwd_warp_sums(const BlockShape& s) {
   return s.spt == 4 && s.tpc >= 4 && s.threads % 32 == 0;
@@ -560,30 +560,27 @@ constexpr int kWarpRowPad = 4;
 // x[0..3]: this lane's four states (n0..n0+3) of one step. Sums them over the warp's channels
 // (32 / kTPC of them: lanes differing in bits log2(kTPC)..4) in a fixed order by a transposed
 // butterfly, and writes each state's sum once into row[n] (the warp's row for the step): with
-// kTPC 4 and 8 a lane ends with one state (2 * bit4 + bit3 of its four), with 16 two, with 32
-// all four (one channel per warp: nothing to sum). At the first level (lanes 16 apart) a lane of
+// kTPC 4 and 8 a lane ends with one state (2 * bit4 + bit3 of its four), with 16 two. At the
+// first level (lanes 16 apart) a lane of
 // the lower half keeps states 0, 1 and sends 2, 3, one of the upper half the reverse; kSwapped:
 // the upper half's x holds its states in the order 2, 3, 0, 1, so that every lane keeps x[0],
 // x[1] and sends x[2], x[3], without selects.
 template <int kTPC, bool kSwapped = false>
 __device__ __forceinline__ void warp_channel_sums(const float (&x)[4], int lane, int n0, float* row) {
-  if constexpr (kTPC == 32) {
-    *reinterpret_cast<float4*>(row + n0) = make_float4(x[0], x[1], x[2], x[3]);
+  static_assert(kTPC == 4 || kTPC == 8 || kTPC == 16, "warp sums at 4, 8 or 16 threads per channel");
+  const bool b4 = (lane >> 4) & 1;
+  const bool swap = b4 && !kSwapped;
+  const float k0 = swap ? x[2] : x[0], k1 = swap ? x[3] : x[1];
+  const float s0 = swap ? x[0] : x[2], s1 = swap ? x[1] : x[3];
+  const float y0 = k0 + __shfl_xor_sync(0xffffffffu, s0, 16);
+  const float y1 = k1 + __shfl_xor_sync(0xffffffffu, s1, 16);
+  if constexpr (kTPC == 16) {
+    *reinterpret_cast<float2*>(row + n0 + 2 * b4) = make_float2(y0, y1);
   } else {
-    const bool b4 = (lane >> 4) & 1;
-    const bool swap = b4 && !kSwapped;
-    const float k0 = swap ? x[2] : x[0], k1 = swap ? x[3] : x[1];
-    const float s0 = swap ? x[0] : x[2], s1 = swap ? x[1] : x[3];
-    const float y0 = k0 + __shfl_xor_sync(0xffffffffu, s0, 16);
-    const float y1 = k1 + __shfl_xor_sync(0xffffffffu, s1, 16);
-    if constexpr (kTPC == 16) {
-      *reinterpret_cast<float2*>(row + n0 + 2 * b4) = make_float2(y0, y1);
-    } else {
-      const bool b3 = (lane >> 3) & 1;
-      float z = (b3 ? y1 : y0) + __shfl_xor_sync(0xffffffffu, b3 ? y0 : y1, 8);
-      if constexpr (kTPC == 4) z += __shfl_xor_sync(0xffffffffu, z, 4);
-      if (kTPC == 8 || ((lane >> 2) & 1) == 0) row[n0 + 2 * b4 + b3] = z;
-    }
+    const bool b3 = (lane >> 3) & 1;
+    float z = (b3 ? y1 : y0) + __shfl_xor_sync(0xffffffffu, b3 ? y0 : y1, 8);
+    if constexpr (kTPC == 4) z += __shfl_xor_sync(0xffffffffu, z, 4);
+    if (kTPC == 8 || ((lane >> 2) & 1) == 0) row[n0 + 2 * b4 + b3] = z;
   }
 }
 

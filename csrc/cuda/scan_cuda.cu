@@ -55,7 +55,6 @@ constexpr int64_t kFewThreads = 32768;
 // States per thread: SELECTIVE_SCAN_SPT overrides the choice, for tuning.
 int states_per_thread(const ScanParams& p) {
   const int n = static_cast<int>(p.dstate);
-  if (n > 128) return 8;
   const int forced = forced_spt();
   if (forced == 4 || (forced == 1 && n <= 32)) return forced;
   return (n <= 32 && threads_at_four_states(p) < kFewThreads) ? 1 : 4;
@@ -77,7 +76,7 @@ int64_t seq_splits(const ScanParams& p) {
   int64_t want = 1;
   if (const char* env = std::getenv("SELECTIVE_SCAN_SEQ_SPLITS")) {
     want = std::max<int64_t>(1, std::atoll(env));
-  } else if (p.dstate <= 128 && p.batch * p.dim <= kFewRows) {
+  } else if (p.batch * p.dim <= kFewRows) {
     const int64_t threads4 = threads_at_four_states(p);
     want = (kSplitThreads + threads4 - 1) / threads4;
   }
@@ -85,16 +84,18 @@ int64_t seq_splits(const ScanParams& p) {
 }
 
 BlockShape block_shape(const ScanParams& p, Direction dir) {
+  if (p.dstate < 1 || p.dstate > kMaxLaunchStates)
+    throw std::runtime_error("selective_scan: the CUDA kernels take 1 to 64 states per launch (larger: state slices)");
   BlockShape s;
   const int64_t splits = seq_splits(p);
   s.spt = states_per_thread(p);
   // The pieces give the parallelism one state per thread would; the split passes are compiled for
-  // 4 and 8 states per thread only (launch_scan_fwd / launch_scan_bwd rely on this).
+  // four states per thread only (launch_scan_fwd / launch_scan_bwd rely on this).
   if (splits > 1 && s.spt == 1) s.spt = 4;
   s.tpc = next_pow2(static_cast<int>((p.dstate + s.spt - 1) / s.spt));
   // Up to eight states (docs/design.md, items 39, 40 and 42) run at four threads per channel of four
   // states, padded to 16 (the forward's fixed layout, the backward's fast path), or at one state per
-  // thread: at dstate 2-4, in one piece (the split passes have four or eight states per thread), and
+  // thread: at dstate 2-4, in one piece (the split passes have four states per thread), and
   // in the forward only where that gives at least kFewThreads threads (with fewer its warps are too
   // few). SELECTIVE_SCAN_SPT keeps the unpadded layouts.
   if (forced_spt() == 0 && p.dstate <= 8) {
@@ -167,7 +168,12 @@ bool scan_fwd_cuda(const ScanParams& params_in, cudaStream_t stream) {
   }
 }
 
-bool scan_bwd_cuda(const ScanBwdParams& params, const ScanBwdPartials& partials, cudaStream_t stream) {
+bool scan_bwd_cuda(const ScanBwdParams& params_in, const ScanBwdPartials& partials, cudaStream_t stream) {
+  // The fp32-gradient kernels read the checkpoints' row length from checkpoint_row (ScanParams).
+  ScanBwdParams params = params_in;
+  if (params.fwd.checkpoint_row == 0) params.fwd.checkpoint_row = params.fwd.dstate;
+  if (params.fwd.checkpoint_row < params.fwd.dstate || params.fwd.checkpoint_row > 2147483647)
+    throw std::runtime_error("selective_scan: checkpoint rows shorter than dstate, or too long");
   const BlockShape s = block_shape(params.fwd, Direction::kBackward);
   switch (params.fwd.input_type) {
     case ScalarKind::kFloat32: return launch_scan_bwd<float>(params, partials, s, stream);

@@ -8,6 +8,10 @@
 
 namespace selective_scan {
 
+// The most states of a channel one launch of the kernels holds (a larger dstate runs in state
+// slices, bindings.cpp); block_shape refuses more.
+constexpr int64_t kMaxLaunchStates = 64;
+
 // How many blocks of the backward write partial dB (or dC) slices for one group of a variable B
 // (or C): the leading size of that partial buffer.
 int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc);

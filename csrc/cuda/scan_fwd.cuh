@@ -541,7 +541,7 @@ bool launch_scan_fwd(const ScanParams& p, const BlockShape& s, cudaStream_t stre
   const unsigned blocks = static_cast<unsigned>(grid_blocks(p, s));
   dispatch_spt(s.spt, [&](auto spt) {
     constexpr int kSPT = decltype(spt)::value;
-    if constexpr (kSPT != 1) {  // block_shape splits only at 4 or 8 states per thread
+    if constexpr (kSPT != 1) {  // block_shape splits only at four states per thread
       if (s.seq_splits > 1) {
         const dim3 grid(blocks, static_cast<unsigned>(s.seq_splits - 1));
         constexpr int kTPCState = kSPT == 4 ? 4 : 0;

@@ -37,13 +37,12 @@ void set_smem(Kernel kernel, int bytes) {
 }
 
 // Calls f(std::integral_constant<int, spt>{}) for the states-per-thread values the kernels are
-// compiled for (1, 4 and 8).
+// compiled for (1 and 4).
 template <typename F>
 void dispatch_spt(int spt, F&& f) {
   switch (spt) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
     default: throw std::runtime_error("selective_scan: unsupported states per thread");
   }
 }
