@@ -173,10 +173,10 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
     float* dB_chunk = p.B.is_variable ? parts.dB + ((slotB * p.batch + rows.b) * p.B.n_groups + rows.gB) * dstate * p.seqlen + t0 : nullptr;
     float* dC_chunk = p.C.is_variable ? parts.dC + ((slotC * p.batch + rows.b) * p.C.n_groups + rows.gC) * dstate * p.seqlen + t0 : nullptr;
 
-    // ckpt_async (even dstate, 8-byte aligned pairs of states): the chunk's checkpoint is copied into this thread's slot of the first
-    // sub-chunk in s_hck, where the recompute reads it, while the staging's loads are in flight
-    // (before, its load waited just before the recompute; docs/design.md, item 48): two 8-byte
-    // copies, zeros past dstate.
+    // ckpt_async (even dstate, 8-byte aligned pairs of states): the chunk's checkpoint is copied
+    // into this thread's slot of the first sub-chunk in s_hck, where the recompute reads it, while
+    // the staging's loads are in flight (before, its load waited just before the recompute;
+    // docs/design.md, item 48): two 8-byte copies, zeros past dstate.
     if (ckpt_async) {
       const float* ck = ckpt + k * ck_row;
 #pragma unroll

@@ -561,10 +561,9 @@ constexpr int kWarpRowPad = 4;
 // (32 / kTPC of them: lanes differing in bits log2(kTPC)..4) in a fixed order by a transposed
 // butterfly, and writes each state's sum once into row[n] (the warp's row for the step): with
 // kTPC 4 and 8 a lane ends with one state (2 * bit4 + bit3 of its four), with 16 two. At the
-// first level (lanes 16 apart) a lane of
-// the lower half keeps states 0, 1 and sends 2, 3, one of the upper half the reverse; kSwapped:
-// the upper half's x holds its states in the order 2, 3, 0, 1, so that every lane keeps x[0],
-// x[1] and sends x[2], x[3], without selects.
+// first level (lanes 16 apart) a lane of the lower half keeps states 0, 1 and sends 2, 3, one of
+// the upper half the reverse; kSwapped: the upper half's x holds its states in the order 2, 3, 0,
+// 1, so that every lane keeps x[0], x[1] and sends x[2], x[3], without selects.
 template <int kTPC, bool kSwapped = false>
 __device__ __forceinline__ void warp_channel_sums(const float (&x)[4], int lane, int n0, float* row) {
   static_assert(kTPC == 4 || kTPC == 8 || kTPC == 16, "warp sums at 4, 8 or 16 threads per channel");
