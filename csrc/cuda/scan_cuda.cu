@@ -38,7 +38,7 @@ int tpc_at_four_states(int64_t dstate) {
 // Threads the problem's rows give at four states per thread.
 int64_t threads_at_four_states(const ScanParams& p) { return p.batch * p.dim * tpc_at_four_states(p.dstate); }
 
-// SELECTIVE_SCAN_SPT (1, 4 or 8; read once): states per thread forced for tuning, or 0.
+// SELECTIVE_SCAN_SPT (1 or 4; read once): states per thread forced for tuning, or 0.
 int forced_spt() {
   static const int forced = [] {
     const char* env = std::getenv("SELECTIVE_SCAN_SPT");
