@@ -139,6 +139,15 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
   return s;
 }
 
+// params with checkpoint_row set (0 means dstate) and checked: the kernels that index the
+// checkpoints by it (the forward's, the backward's fp32-gradient build) read it as an int.
+ScanParams with_checkpoint_row(ScanParams params) {
+  if (params.checkpoint_row == 0) params.checkpoint_row = params.dstate;
+  if (params.checkpoint_row < params.dstate || params.checkpoint_row > 2147483647)
+    throw std::runtime_error("selective_scan: checkpoint rows shorter than dstate, or too long");
+  return params;
+}
+
 }  // namespace
 }  // namespace cuda_detail
 
@@ -154,11 +163,7 @@ int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc
 }
 
 bool scan_fwd_cuda(const ScanParams& params_in, cudaStream_t stream) {
-  // The kernels read the checkpoints' row length from checkpoint_row (ScanParams).
-  ScanParams params = params_in;
-  if (params.checkpoint_row == 0) params.checkpoint_row = params.dstate;
-  if (params.checkpoint_row < params.dstate || params.checkpoint_row > 2147483647)
-    throw std::runtime_error("selective_scan: checkpoint rows shorter than dstate, or too long");
+  const ScanParams params = with_checkpoint_row(params_in);
   const BlockShape s = block_shape(params, Direction::kForward);
   switch (params.input_type) {
     case ScalarKind::kFloat32: return launch_scan_fwd<float>(params, s, stream);
@@ -169,11 +174,8 @@ bool scan_fwd_cuda(const ScanParams& params_in, cudaStream_t stream) {
 }
 
 bool scan_bwd_cuda(const ScanBwdParams& params_in, const ScanBwdPartials& partials, cudaStream_t stream) {
-  // The fp32-gradient kernels read the checkpoints' row length from checkpoint_row (ScanParams).
   ScanBwdParams params = params_in;
-  if (params.fwd.checkpoint_row == 0) params.fwd.checkpoint_row = params.fwd.dstate;
-  if (params.fwd.checkpoint_row < params.fwd.dstate || params.fwd.checkpoint_row > 2147483647)
-    throw std::runtime_error("selective_scan: checkpoint rows shorter than dstate, or too long");
+  params.fwd = with_checkpoint_row(params.fwd);
   const BlockShape s = block_shape(params.fwd, Direction::kBackward);
   switch (params.fwd.input_type) {
     case ScalarKind::kFloat32: return launch_scan_bwd<float>(params, partials, s, stream);
