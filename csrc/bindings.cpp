@@ -4,12 +4,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "env_setting.h"
 #include "message_text.h"
 #include "selective_scan.h"
 
@@ -219,14 +219,7 @@ bool has_work(const Problem& p) { return p.batch > 0 && p.dim > 0 && p.seqlen > 
 constexpr int64_t kStateSlice = kMaxLaunchStates;
 
 int64_t state_slice_width() {
-  const char* env = std::getenv("SELECTIVE_SCAN_STATE_SLICE");
-  if (env == nullptr) return kStateSlice;
-  char* end = nullptr;
-  const long long w = std::strtoll(env, &end, 10);
-  const bool valid = end != env && *end == '\0' && w >= 1 && w <= kStateSlice;
-  TORCH_CHECK(valid, "SELECTIVE_SCAN_STATE_SLICE: expected a number of states from 1 to ", num_text(kStateSlice),
-              ", got '", env, "'");
-  return w;
+  return env_integer("SELECTIVE_SCAN_STATE_SLICE", kStateSlice, 1, kStateSlice, "a number of states");
 }
 
 // The slices [first state, states) of dstate > width: ceil(dstate / width) of them, as equal as

@@ -4,6 +4,8 @@ the padded tail of the last chunk, and the current CUDA stream. Where the sequen
 would be too slow, the reference is the CPU op in float64 (itself checked against the sequential
 reference by the CPU tests); a stress case passes when the GPU's error is at most
 max(tolerance, 2 x the CPU op's own fp32 error) on the same inputs."""
+import re
+
 import pytest
 import torch
 
@@ -271,14 +273,47 @@ def test_state_slices_match_other_slicing(monkeypatch, dstate, width, other):
         assert rel_l2(grad, runs[other][2][name]) < 1e-5, f"d{name}"
 
 
-@pytest.mark.parametrize("width", ["65", "0", "x", "16x"])
-def test_state_slice_width_checked(monkeypatch, width):
-    """SELECTIVE_SCAN_STATE_SLICE must name 1 to 64 states (the kernels hold at most 64 per
-    launch): anything else is refused with the variable's name and value, not run."""
-    monkeypatch.setenv("SELECTIVE_SCAN_STATE_SLICE", width)
+# Each tuning variable of the scan, a value it refuses, and what its error says it accepts.
+BAD_TUNING_VALUES = [
+    ("SELECTIVE_SCAN_STATE_SLICE", "65", "a number of states from 1 to 64"),
+    ("SELECTIVE_SCAN_STATE_SLICE", "0", "a number of states from 1 to 64"),
+    ("SELECTIVE_SCAN_STATE_SLICE", "x", "a number of states from 1 to 64"),
+    ("SELECTIVE_SCAN_STATE_SLICE", "16x", "a number of states from 1 to 64"),
+    ("SELECTIVE_SCAN_SEQ_SPLITS", "0", "a number of pieces from 1 to 65535"),
+    ("SELECTIVE_SCAN_SEQ_SPLITS", "65536", "a number of pieces from 1 to 65535"),
+    ("SELECTIVE_SCAN_SEQ_SPLITS", "", "a number of pieces from 1 to 65535"),
+    ("SELECTIVE_SCAN_SPT", "2", "1 or 4"),
+    ("SELECTIVE_SCAN_SPT", "four", "1 or 4"),
+    ("SELECTIVE_SCAN_FWD_REGS", "64", "102 or 128"),
+    ("SELECTIVE_SCAN_FWD_REGS", "128 ", "102 or 128"),
+]
+
+
+@pytest.mark.parametrize("name,value,accepts", BAD_TUNING_VALUES)
+def test_tuning_variables_checked(monkeypatch, name, value, accepts):
+    """A tuning variable set to a value it does not accept is refused with the variable's name,
+    what it accepts and what it got, not run with the default (SELECTIVE_SCAN_STATE_SLICE: 1 to
+    64 states, the most the kernels hold per launch)."""
+    monkeypatch.setenv(name, value)
     kw = make_inputs(device="cuda", batch=1, dim=8, seqlen=64, dstate=16, seed=7)
-    with pytest.raises(RuntimeError, match=f"SELECTIVE_SCAN_STATE_SLICE: expected a number of states from 1 to 64, got '{width}'"):
+    with pytest.raises(RuntimeError, match=re.escape(f"{name}: expected {accepts}, got '{value}'")):
         run_op(kw, True)
+
+
+@pytest.mark.parametrize("spt", ["1", "4"])
+@pytest.mark.parametrize("dstate", [6, 16, 32])
+def test_forced_states_per_thread(monkeypatch, spt, dstate):
+    """SELECTIVE_SCAN_SPT forces one or four states per thread (one only up to dstate 32; at
+    dstate 6 either keeps the states unpadded) on a problem whose rows would choose the other
+    (dim 64: one state per thread; dim 8192: four): out, last_state and every gradient against
+    float64, in one piece."""
+    monkeypatch.setenv("SELECTIVE_SCAN_SPT", spt)
+    monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", "1")
+    kw = make_inputs(device="cuda", dtype=torch.bfloat16, batch=1, dim=64 if spt == "4" else 8192,
+                     seqlen=200, dstate=dstate, B_form="group", C_form="var", B_groups=2,
+                     delta_softplus=True, delta_bias=True, initial_state=True, seed=401 + dstate)
+    check_forward(kw, "cuda", torch.bfloat16)
+    check_backward(kw, "cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("pieces", ["1", "auto"])

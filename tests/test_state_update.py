@@ -1,6 +1,8 @@
 """Tests of the decode-step op selective_state_update (torch.ops.selective_scan.state_update):
 output and in-place state against a float64 plain-PyTorch step across dtypes, groups, options,
 strides and devices; input checks; opcheck."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,27 @@ def test_cuda_batch_slabs(monkeypatch, itype, dstate, aligned):
     untouched = big_state[0].clone()
     check_against_ref(inp)
     torch.testing.assert_close(big_state[0], untouched, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("name,value,accepts", [
+    ("SELECTIVE_SCAN_DECODE_SLAB_ROWS", "0", "a number of rows from 1 to 2147483647"),
+    ("SELECTIVE_SCAN_DECODE_SLAB_ROWS", "2147483648", "a number of rows from 1 to 2147483647"),
+    ("SELECTIVE_SCAN_DECODE_SLAB_ROWS", "4e3", "a number of rows from 1 to 2147483647"),
+    ("SELECTIVE_SCAN_DECODE_WARP_ROWS", "2", "0 or 1"),
+    ("SELECTIVE_SCAN_DECODE_WARP_ROWS", "off", "0 or 1"),
+])
+def test_cuda_tuning_variables_checked(monkeypatch, name, value, accepts):
+    """The decode step's tuning variables refuse values they do not accept, naming the variable,
+    what it accepts and what it got, and leave the state untouched."""
+    monkeypatch.setenv(name, value)
+    inp = make_inputs(2, 32, 16, torch.bfloat16, "cuda", seed=5)
+    before = inp["state"].clone()
+    with pytest.raises(RuntimeError, match=re.escape(f"{name}: expected {accepts}, got '{value}'")):
+        selective_state_update(inp["state"], inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
+                               D=inp["D"], z=inp["z"], dt_bias=inp["dt_bias"], dt_softplus=True)
+    assert torch.equal(inp["state"], before)
 
 
 @pytest.mark.cuda

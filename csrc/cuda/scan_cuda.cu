@@ -1,9 +1,9 @@
 // Host entry points of the CUDA scan: choose the block shape for a problem, dispatch on the input
 // dtype to the per-dtype launchers, report the compiled archs.
 #include <algorithm>
-#include <cstdlib>
 #include <numeric>
 
+#include "../env_setting.h"
 #include "scan_launch.cuh"
 
 namespace selective_scan {
@@ -38,14 +38,8 @@ int tpc_at_four_states(int64_t dstate) {
 // Threads the problem's rows give at four states per thread.
 int64_t threads_at_four_states(const ScanParams& p) { return p.batch * p.dim * tpc_at_four_states(p.dstate); }
 
-// SELECTIVE_SCAN_SPT (1 or 4; read once): states per thread forced for tuning, or 0.
-int forced_spt() {
-  static const int forced = [] {
-    const char* env = std::getenv("SELECTIVE_SCAN_SPT");
-    return env ? std::atoi(env) : 0;
-  }();
-  return forced;
-}
+// SELECTIVE_SCAN_SPT (1 or 4; read per call, for tuning and tests): states per thread forced, or 0.
+int forced_spt() { return static_cast<int>(env_choice("SELECTIVE_SCAN_SPT", 0, {1, 4})); }
 
 // Fewer threads than this leave the GPU short of warps: below it (counted at four states per
 // thread) dstate 9-32 takes one state per thread, which multiplies them by up to four, and the
@@ -68,15 +62,16 @@ int states_per_thread(const ScanParams& p) {
 constexpr int64_t kFewRows = 8192;
 constexpr int64_t kSplitThreads = 131072;
 
-// The sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS (read per call, for tests) forces the count;
-// otherwise few rows split. Pieces hold at least two chunks (the forward's state-only pass uses two
-// checkpoint slots per piece) and there are at most 65535 (gridDim.y).
+// SELECTIVE_SCAN_SEQ_SPLITS (1 to 65535, read per call, for tests): the forced piece count, or 0.
+int64_t forced_seq_splits() { return env_integer("SELECTIVE_SCAN_SEQ_SPLITS", 0, 1, 65535, "a number of pieces"); }
+
+// The sequence pieces: SELECTIVE_SCAN_SEQ_SPLITS forces the count; otherwise few rows split. Pieces
+// hold at least two chunks (the forward's state-only pass uses two checkpoint slots per piece) and
+// there are at most 65535 (gridDim.y).
 int64_t seq_splits(const ScanParams& p) {
   const int64_t n_chunks = num_checkpoints(p.seqlen);
-  int64_t want = 1;
-  if (const char* env = std::getenv("SELECTIVE_SCAN_SEQ_SPLITS")) {
-    want = std::max<int64_t>(1, std::atoll(env));
-  } else if (p.batch * p.dim <= kFewRows) {
+  int64_t want = forced_seq_splits();
+  if (want == 0 && p.batch * p.dim <= kFewRows) {
     const int64_t threads4 = threads_at_four_states(p);
     want = (kSplitThreads + threads4 - 1) / threads4;
   }
@@ -130,8 +125,7 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
     // The 16-bit four-threads-per-channel forward takes its 128-register build where the grid
     // needs no more waves at four blocks per SM than at five (docs/design.md, items 33 and 34);
     // SELECTIVE_SCAN_FWD_REGS (128 or 102, read per call, for tuning and tests) forces a build.
-    const char* regs = std::getenv("SELECTIVE_SCAN_FWD_REGS");
-    const int forced = regs ? std::atoi(regs) : 0;
+    const int64_t forced = env_choice("SELECTIVE_SCAN_FWD_REGS", 0, {102, 128});
     const int64_t blocks = grid_blocks(p, s) * s.seq_splits, sms = sm_count();
     auto waves = [&](int64_t blocks_per_sm) { return (blocks + blocks_per_sm * sms - 1) / (blocks_per_sm * sms); };
     s.fwd_more_regs = forced == 128 || (forced != 102 && waves(4) <= waves(5));

@@ -11,11 +11,11 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
+#include "../env_setting.h"
 #include "scan_common.cuh"
 #include "state_update_cuda.h"
 
@@ -311,11 +311,8 @@ void for_each_slab(const StateUpdateParams& p, int64_t rows_per_block, Launch la
   RowSplit split;
   split.by_dim = FastDiv(static_cast<uint32_t>(p.dim));
   split.by_group_dim = FastDiv(static_cast<uint32_t>(p.dim / p.n_groups));
-  int64_t max_rows = (int64_t{1} << 31) - 1;
-  if (const char* env = std::getenv("SELECTIVE_SCAN_DECODE_SLAB_ROWS")) {
-    const long long v = std::atoll(env);
-    if (v > 0 && v < max_rows) max_rows = v;
-  }
+  constexpr int64_t kMaxRows = (int64_t{1} << 31) - 1;
+  const int64_t max_rows = env_integer("SELECTIVE_SCAN_DECODE_SLAB_ROWS", kMaxRows, 1, kMaxRows, "a number of rows");
   const int64_t slab = std::max<int64_t>(1, max_rows / p.dim);
   const int64_t in_size = p.input_type == ScalarKind::kFloat32 ? 4 : 2;
   for (int64_t b0 = 0; b0 < p.batch; b0 += slab) {
@@ -347,11 +344,8 @@ void launch_warp_rows(const StateUpdateParams& p, cudaStream_t stream) {
 }
 
 // SELECTIVE_SCAN_DECODE_WARP_ROWS=0 selects the lanes-per-row kernel where the warp-rows kernel
-// would run (read per call, so that tests can compare both).
-bool warp_rows_enabled() {
-  const char* env = std::getenv("SELECTIVE_SCAN_DECODE_WARP_ROWS");
-  return !(env && env[0] == '0');
-}
+// would run (0 or 1, read per call, so that tests can compare both).
+bool warp_rows_enabled() { return env_choice("SELECTIVE_SCAN_DECODE_WARP_ROWS", 1, {0, 1}) == 1; }
 
 template <typename TIn, typename TBC>
 void launch_typed(const StateUpdateParams& p, cudaStream_t stream) {
