@@ -410,6 +410,26 @@ def test_forward_register_builds_agree(monkeypatch, dtype):
     check_forward(kw, "cuda", dtype)
 
 
+def test_backward_piece_count_of_its_own(monkeypatch):
+    """With few rows the backward chooses its own piece count to fill its last wave of blocks
+    (bwd_chunks_per_piece: on an H200, (1, 1536, 4096, 16) runs its forward in 22 pieces and its
+    backward in 16): out, last_state and every gradient against float64, and within fp32 rounding
+    of the runs with either count forced for both passes."""
+    kw = make_inputs(device="cuda", batch=1, dim=1536, seqlen=4096, dstate=16, B_form="var", C_form="var",
+                     delta_softplus=True, delta_bias=True, initial_state=True, seed=419)
+    monkeypatch.delenv("SELECTIVE_SCAN_SEQ_SPLITS", raising=False)
+    check_forward(kw, "cuda", torch.float32)
+    check_backward(kw, "cuda", torch.float32)
+    dout, dlast = upstream_grads(kw)
+    auto = grads_of(lambda k: run_op(k, True), kw, dout, dlast)
+    for pieces in ("22", "16"):
+        monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", pieces)
+        forced = grads_of(lambda k: run_op(k, True), kw, dout, dlast)
+        for name, ref in forced[2].items():
+            if ref is not None:
+                assert rel_l2(auto[2][name], ref) < 2e-5, (pieces, name)
+
+
 @pytest.mark.parametrize("forms", [("var", "var"), ("const", "const")], ids=["var", "const"])
 def test_sequence_split_matches_one_pass(monkeypatch, forms):
     """Split (7 pieces) and unsplit runs agree to fp32 rounding in the outputs and every gradient

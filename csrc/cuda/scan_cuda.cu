@@ -78,6 +78,50 @@ int64_t seq_splits(const ScanParams& p) {
   return std::max<int64_t>(1, std::min({want, n_chunks / 2, int64_t{65535}}));
 }
 
+// Blocks of the backward an SM holds at once: its kernels are held to three blocks' registers
+// (__launch_bounds__(128, 3)), fewer where their shared memory allows fewer.
+int64_t bwd_blocks_per_sm(const BlockShape& s) {
+  static const int64_t smem_per_sm = [] {
+    int dev = 0, value = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev), "cudaDeviceGetAttribute");
+    return static_cast<int64_t>(value);
+  }();
+  constexpr int64_t kReservedPerBlock = 1024;  // what the runtime keeps of each block's shared memory
+  return std::max<int64_t>(1, std::min<int64_t>(3, smem_per_sm / (s.smem_bytes + kReservedPerBlock)));
+}
+
+// The backward's piece length, in chunks, with few rows. The split's count `splits` gives the
+// threads the GPU needs, but the last wave of blocks may be nearly empty: (1, 2048, 16384, 16) in
+// 16 pieces of 64 blocks is 1024 blocks, 2.6 waves of 396 on an H200. Among splits / 2 to
+// 4 splits pieces of at least four chunks (shorter pieces would make the blocks' fixed costs
+// count), this takes the length that minimises waves x chunks per piece (the time the last block
+// ends if every block of a wave takes the same time), ties going to the count nearest `splits`,
+// and keeps the rule's length where none is better (docs/design.md, item 54). The forward keeps the rule's count: it
+// measured within 0.3% of its best (item 53).
+int64_t bwd_chunks_per_piece(int64_t n_chunks, int64_t splits, int64_t blocks_per_piece, int64_t resident_blocks) {
+  auto pieces_of = [&](int64_t chunks) { return (n_chunks + chunks - 1) / chunks; };
+  auto cost = [&](int64_t chunks) {
+    const int64_t blocks = pieces_of(chunks) * blocks_per_piece;
+    return (blocks + resident_blocks - 1) / resident_blocks * chunks;
+  };
+  // how far a piece count is from `splits`, as the ratio max / min, compared without division
+  auto nearer = [&](int64_t a, int64_t b) {
+    const int64_t ra_num = std::max(a, splits), ra_den = std::min(a, splits);
+    const int64_t rb_num = std::max(b, splits), rb_den = std::min(b, splits);
+    return ra_num * rb_den < rb_num * ra_den;
+  };
+  int64_t best = (n_chunks + splits - 1) / splits;
+  const int64_t most = std::min(4 * splits, n_chunks / 2);
+  for (int64_t pieces = std::max<int64_t>(2, splits / 2); pieces <= most; ++pieces) {
+    const int64_t chunks = (n_chunks + pieces - 1) / pieces;
+    if (chunks < 4) continue;
+    const int64_t c = cost(chunks), c_best = cost(best);
+    if (c < c_best || (c == c_best && nearer(pieces_of(chunks), pieces_of(best)))) best = chunks;
+  }
+  return best;
+}
+
 BlockShape block_shape(const ScanParams& p, Direction dir) {
   if (p.dstate < 1 || p.dstate > kMaxLaunchStates)
     throw std::runtime_error("selective_scan: the CUDA kernels take 1 to 64 states per launch (larger: state slices)");
@@ -119,6 +163,8 @@ BlockShape block_shape(const ScanParams& p, Direction dir) {
   if (splits > 1) {
     const int64_t n_chunks = num_checkpoints(p.seqlen);
     s.chunks_per_split = (n_chunks + splits - 1) / splits;
+    if (dir == Direction::kBackward && forced_seq_splits() == 0)
+      s.chunks_per_split = bwd_chunks_per_piece(n_chunks, splits, grid_blocks(p, s), bwd_blocks_per_sm(s) * sm_count());
     s.seq_splits = (n_chunks + s.chunks_per_split - 1) / s.chunks_per_split;
   }
   if (dir == Direction::kForward) {
