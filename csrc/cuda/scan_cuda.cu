@@ -97,8 +97,8 @@ int64_t bwd_blocks_per_sm(const BlockShape& s) {
 // 4 splits pieces of at least four chunks (shorter pieces would make the blocks' fixed costs
 // count), this takes the length that minimises waves x chunks per piece (the time the last block
 // ends if every block of a wave takes the same time), ties going to the count nearest `splits`,
-// and keeps the rule's length where none is better (docs/design.md, item 54). The forward keeps the rule's count: it
-// measured within 0.3% of its best (item 53).
+// and keeps the rule's length where none is better (docs/design.md, item 54). The forward keeps
+// the rule's count: it measured within 0.3% of its best (item 53).
 int64_t bwd_chunks_per_piece(int64_t n_chunks, int64_t splits, int64_t blocks_per_piece, int64_t resident_blocks) {
   auto pieces_of = [&](int64_t chunks) { return (n_chunks + chunks - 1) / chunks; };
   auto cost = [&](int64_t chunks) {
