@@ -84,7 +84,8 @@ int64_t bwd_blocks_per_sm(const BlockShape& s) {
   static const int64_t smem_per_sm = [] {
     int dev = 0, value = 0;
     check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
+               "cudaDeviceGetAttribute");
     return static_cast<int64_t>(value);
   }();
   constexpr int64_t kReservedPerBlock = 1024;  // what the runtime keeps of each block's shared memory
