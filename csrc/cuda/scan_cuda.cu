@@ -17,12 +17,7 @@ int next_pow2(int x) {
 }
 
 int max_smem_per_block() {
-  static const int bytes = [] {
-    int dev = 0, value = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
-    return value;
-  }();
+  static const int bytes = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   return bytes;
 }
 
@@ -81,13 +76,7 @@ int64_t seq_splits(const ScanParams& p) {
 // Blocks of the backward an SM holds at once: its kernels are held to three blocks' registers
 // (__launch_bounds__(128, 3)), fewer where their shared memory allows fewer.
 int64_t bwd_blocks_per_sm(const BlockShape& s) {
-  static const int64_t smem_per_sm = [] {
-    int dev = 0, value = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev),
-               "cudaDeviceGetAttribute");
-    return static_cast<int64_t>(value);
-  }();
+  static const int64_t smem_per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
   constexpr int64_t kReservedPerBlock = 1024;  // what the runtime keeps of each block's shared memory
   return std::max<int64_t>(1, std::min<int64_t>(3, smem_per_sm / (s.smem_bytes + kReservedPerBlock)));
 }

@@ -19,13 +19,16 @@ inline void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-// Streaming multiprocessors of the current device.
-inline int sm_count() {
+// An attribute of the current device.
+inline int device_attribute(cudaDeviceAttr attr) {
   int dev = 0, value = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&value, attr, dev), "cudaDeviceGetAttribute");
   return value;
 }
+
+// Streaming multiprocessors of the current device.
+inline int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
 
 // Grants a kernel the dynamic shared memory it needs (beyond the default 48 KB).
 template <typename Kernel>
