@@ -219,3 +219,22 @@ def test_ncu_sass_summary_rejects_a_page_without_kernels(tmp_path):
     empty.write_text("nothing here\n")
     with pytest.raises(SystemExit, match="no kernel"):
         summary.main([str(empty)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_benchmark_writes_json(device, tmp_path):
+    bench = _load_script("bench_varlen")
+    out = tmp_path / "varlen.json"
+    bench.main(["--device", device, "--num-seqs", "4", "--min-len", "3", "--max-len", "40", "--dim", "8",
+                "--dstate", "4", "--reps", "2", "--dtype", "fp32", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert {"date", "commit", "torch", "device"} <= set(result["machine"])
+    case = result["case"]
+    assert case["num_seqs"] == 4 and case["total_steps"] == sum(case["lengths"])
+    records = result["records"]
+    assert {(r["provider"], r["direction"]) for r in records} == {
+        (p, d) for p in ("varlen", "padded_batch", "per_sequence") for d in ("fwd", "fwdbwd")}
+    for r in records:
+        assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"]
+    steps = {r["provider"]: r["steps_scanned"] for r in records}
+    assert steps["per_sequence"] == case["total_steps"] <= steps["varlen"] <= 2 * case["total_steps"] + 8 * 4

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.selective_scan)
+from .varlen import selective_scan_varlen
 
 CHECKPOINT_CHUNK = _C.checkpoint_chunk
 
@@ -78,13 +79,22 @@ class SelectiveScanFn(torch.autograd.Function):
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, D: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
                    delta_bias: Optional[torch.Tensor] = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, *, initial_state: Optional[torch.Tensor] = None):
+                   return_last_state: bool = False, *, initial_state: Optional[torch.Tensor] = None,
+                   cu_seqlens: Optional[torch.Tensor] = None):
     """Selective scan (S6). See docs/api.md for shapes, dtypes and the math.
 
     Returns out (batch, dim, seqlen) in u's dtype, or (out, last_state) with return_last_state,
     last_state being the fp32 state (batch, dim, dstate) after the last step. Differentiable with
     respect to every tensor input, from both outputs.
+
+    With cu_seqlens (num_seqs + 1 offsets, int32 or int64), u, delta, z and variable B / C hold
+    num_seqs sequences packed along seqlen (batch 1); each is scanned on its own, from its row of
+    initial_state (num_seqs, dim, dstate) or zero, and last_state has one row per sequence
+    (selective_scan.varlen).
     """
+    if cu_seqlens is not None:
+        return selective_scan_varlen(selective_scan, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                     return_last_state, initial_state, cu_seqlens)
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")

@@ -29,15 +29,43 @@ def _compute_dtype(u: torch.Tensor, compute_dtype):
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
+def _per_sequence(scan, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                  initial_state, cu_seqlens, **kwargs):
+    """Packed sequences (batch 1, offsets cu_seqlens) scanned one at a time by `scan`: the
+    definition of the varlen op, written as plainly as it reads."""
+    offsets = [int(v) for v in cu_seqlens.tolist()]
+    outs, lasts = [], []
+    for i in range(len(offsets) - 1):
+        s, e = offsets[i], offsets[i + 1]
+
+        def piece(x):
+            return x[..., s:e] if x is not None and x.dim() >= 3 else x
+        h0 = initial_state[i:i + 1] if initial_state is not None else None
+        out, last = scan(piece(u), piece(delta), A, piece(B), piece(C), D, piece(z), delta_bias, delta_softplus,
+                         True, initial_state=h0, **kwargs)
+        outs.append(out)
+        lasts.append(last)
+    out = torch.cat(outs, dim=-1) if outs else u[..., :0].clone()
+    if not return_last_state:
+        return out
+    ct = _compute_dtype(u, kwargs.get("compute_dtype"))
+    last = torch.cat(lasts) if lasts else u.new_zeros((0, u.shape[1], A.shape[1]), dtype=ct)
+    return out, last
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False, *, initial_state=None, compute_dtype=None):
+                       return_last_state=False, *, initial_state=None, compute_dtype=None, cu_seqlens=None):
     """Sequential selective scan.
 
     h_t = exp(d_t A) h_{t-1} + d_t B_t u_t,  y_t = C_t . h_t + D u_t,  out = y * silu(z),
     with d_t = softplus(delta_t + delta_bias) when delta_softplus else delta_t + delta_bias.
     Computes in `compute_dtype` (default float32, float64 for float64 inputs); returns out in u's
-    dtype, and with return_last_state also h at the last step in the compute dtype.
+    dtype, and with return_last_state also h at the last step in the compute dtype. With
+    cu_seqlens, each packed sequence is scanned on its own (as selective_scan).
     """
+    if cu_seqlens is not None:
+        return _per_sequence(selective_scan_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state, initial_state, cu_seqlens, compute_dtype=compute_dtype)
     dtype_in = u.dtype
     ct = _compute_dtype(u, compute_dtype)
     batch, dim, seqlen = u.shape
@@ -72,13 +100,16 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 def selective_scan_parallel_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                                 delta_softplus=False, return_last_state=False, *,
-                                initial_state=None):
+                                initial_state=None, cu_seqlens=None):
     """The same function by a Hillis-Steele scan over materialised (batch, seqlen, dim, dstate) tensors.
 
     Each of the log2(seqlen) rounds combines pairs with the associative operator
     (a1, b1) o (a0, b0) = (a1 a0, a1 b0 + b1). Memory is O(batch * seqlen * dim * dstate): this is
     the formulation the kernels avoid, kept as a baseline.
     """
+    if cu_seqlens is not None:
+        return _per_sequence(selective_scan_parallel_ref, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state, initial_state, cu_seqlens)
     dtype_in = u.dtype
     ct = _compute_dtype(u, None)
     batch, dim, seqlen = u.shape

@@ -46,12 +46,12 @@ class Block(nn.Module):
         self.mixer = mixer_cls(dim)
 
     def forward(self, hidden_states: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                inference_params=None):
+                inference_params=None, **mixer_kwargs):
         residual = hidden_states + residual if residual is not None else hidden_states
         hidden_states = self.norm(residual.to(dtype=self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.to(torch.float32)
-        hidden_states = self.mixer(hidden_states, inference_params=inference_params)
+        hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
         return hidden_states, residual
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int = 0, dtype=None, **kwargs):

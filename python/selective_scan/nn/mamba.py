@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..decode import selective_state_update
 from .cache import InferenceParams
-from .scan import SelectiveScan, causal_conv1d_step
+from .scan import SelectiveScan, causal_conv1d_step, causal_conv1d_varlen
 
 
 def dt_bias_init(d_inner: int, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
@@ -86,8 +86,19 @@ class Mamba(nn.Module):
     def _dt_bias(self) -> Optional[torch.Tensor]:
         return self.dt_proj.bias.float() if self.dt_proj.bias is not None else None
 
-    def forward(self, hidden_states: torch.Tensor, inference_params: Optional[InferenceParams] = None):
+    def forward(self, hidden_states: torch.Tensor, inference_params: Optional[InferenceParams] = None,
+                cu_seqlens: Optional[torch.Tensor] = None):
+        """hidden_states (batch, seqlen, d_model) -> (batch, seqlen, d_model). With cu_seqlens
+        (num_seqs + 1 offsets), hidden_states (1, total, d_model) holds sequences packed along seqlen,
+        each run as if alone: the conv and the scan stop at their boundaries (training and
+        evaluation; not with an inference cache)."""
         batch, seqlen, _ = hidden_states.shape
+        if cu_seqlens is not None:
+            if inference_params is not None:
+                raise NotImplementedError("Mamba: cu_seqlens with an inference cache is not supported")
+            if batch != 1:
+                raise ValueError(f"hidden_states: expected batch 1 with cu_seqlens (sequences packed along "
+                                 f"seqlen), got shape {tuple(hidden_states.shape)}")
         conv_state = ssm_state = None
         if inference_params is not None:
             conv_state, ssm_state = self._states_from_cache(inference_params, batch, hidden_states)
@@ -102,6 +113,8 @@ class Mamba(nn.Module):
             x_ext = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)
             conv_state.copy_(x_ext[..., -self.d_conv:])
             x = F.conv1d(x_ext, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        elif cu_seqlens is not None:
+            x = causal_conv1d_varlen(x, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
         else:
             x = self.conv1d(x)[..., :seqlen]
         x = self.act(x)
@@ -114,7 +127,7 @@ class Mamba(nn.Module):
         initial_state = ssm_state if (ssm_state is not None and inference_params.seqlen_offset > 0) else None
         y = self.scan(x, dt.to(x.dtype), self._A(), B.to(x.dtype), C.to(x.dtype), self.D.float(), z=z.to(x.dtype),
                       delta_bias=self._dt_bias(), initial_state=initial_state,
-                      return_last_state=ssm_state is not None)
+                      return_last_state=ssm_state is not None, cu_seqlens=cu_seqlens)
         if ssm_state is not None:
             y, last_state = y
             ssm_state.copy_(last_state)

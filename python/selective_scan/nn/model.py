@@ -111,11 +111,16 @@ class MixerModel(nn.Module):
         return {i: layer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
                 for i, layer in enumerate(self.layers)}
 
-    def forward(self, input_ids: torch.Tensor, inference_params: Optional[InferenceParams] = None):
+    def forward(self, input_ids: torch.Tensor, inference_params: Optional[InferenceParams] = None,
+                cu_seqlens: Optional[torch.Tensor] = None):
+        """input_ids (batch, seqlen) -> hidden states; with cu_seqlens, input_ids (1, total) holds
+        sequences packed along seqlen, each run as if alone (Mamba.forward)."""
         hidden_states = self.embedding(input_ids)
         residual = None
+        mixer_kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         for layer in self.layers:
-            hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params)
+            hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params,
+                                            **mixer_kwargs)
         residual = hidden_states + residual if residual is not None else hidden_states
         return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
 
@@ -174,8 +179,9 @@ class MambaLMHeadModel(nn.Module):
         return self.backbone.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, position_ids=None,
-                inference_params: Optional[InferenceParams] = None, num_last_tokens: int = 0):
-        hidden_states = self.backbone(input_ids, inference_params=inference_params)
+                inference_params: Optional[InferenceParams] = None, num_last_tokens: int = 0,
+                cu_seqlens: Optional[torch.Tensor] = None):
+        hidden_states = self.backbone(input_ids, inference_params=inference_params, cu_seqlens=cu_seqlens)
         if num_last_tokens > 0:
             hidden_states = hidden_states[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden_states))

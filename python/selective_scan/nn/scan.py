@@ -1,5 +1,6 @@
-"""`SelectiveScan`, the selective scan op as an nn.Module, and the causal-conv1d state step used
-in decoding (shift the new column into the conv state, dot with the depthwise weight, bias, silu)."""
+"""`SelectiveScan`, the selective scan op as an nn.Module; the causal-conv1d state step used in
+decoding (shift the new column into the conv state, dot with the depthwise weight, bias, silu) and
+the causal conv1d of packed variable-length sequences."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -9,16 +10,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..functional import selective_scan
+from ..varlen import check_cu_seqlens
 
 
 class SelectiveScan(nn.Module):
     """The scan as a module: holds `delta_softplus` and calls the public op.
 
     forward(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
-    return_last_state=False) takes the op's shapes: u, delta, z (batch, dim, seqlen); A (dim, dstate)
+    return_last_state=False, cu_seqlens=None) takes the op's shapes: u, delta, z (batch, dim, seqlen); A (dim, dstate)
     fp32; B, C (dim, dstate), (batch, dstate, seqlen) or (batch, n_groups, dstate, seqlen); D and
-    delta_bias (dim,) fp32. `scan_fn` swaps the implementation (default: the native op); the
-    references in selective_scan.reference have the same signature.
+    delta_bias (dim,) fp32; cu_seqlens for sequences packed along seqlen (see selective_scan).
+    `scan_fn` swaps the implementation (default: the native op); the references in
+    selective_scan.reference have the same signature.
     """
 
     def __init__(self, delta_softplus: bool = True, scan_fn: Optional[Callable] = None):
@@ -27,10 +30,13 @@ class SelectiveScan(nn.Module):
         self.scan_fn = scan_fn
 
     def forward(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
-                return_last_state: bool = False):
+                return_last_state: bool = False, cu_seqlens=None):
         fn = self.scan_fn if self.scan_fn is not None else selective_scan
+        if cu_seqlens is None:  # (scan_fn need not know cu_seqlens)
+            return fn(u, delta, A, B, C, D, z, delta_bias, self.delta_softplus, return_last_state,
+                      initial_state=initial_state)
         return fn(u, delta, A, B, C, D, z, delta_bias, self.delta_softplus, return_last_state,
-                  initial_state=initial_state)
+                  initial_state=initial_state, cu_seqlens=cu_seqlens)
 
     def extra_repr(self) -> str:
         return f"delta_softplus={self.delta_softplus}"
@@ -57,4 +63,27 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
     return y.to(x.dtype)
 
 
-__all__ = ["SelectiveScan", "causal_conv1d_step"]
+def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The depthwise causal conv1d (no activation) of sequences packed along x's last axis
+    (x (1, dim, total), offsets cu_seqlens): each output sees only its own sequence's inputs, the
+    steps before a sequence's start reading zeros, as the causal padding of one sequence alone.
+    weight is (dim, width) or the Conv1d weight (dim, 1, width). Computed in x's dtype."""
+    if weight.dim() == 3:
+        weight = weight[:, 0]
+    total = x.shape[-1]
+    offsets = check_cu_seqlens(cu_seqlens, total)
+    starts = torch.tensor(offsets[:-1], dtype=torch.int64)
+    lengths = torch.tensor([offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)], dtype=torch.int64)
+    pos = (torch.arange(total, dtype=torch.int64) - starts.repeat_interleave(lengths)).to(x.device)
+    width = weight.shape[-1]
+    y = x * weight[:, width - 1, None]
+    for shift in range(1, width):  # the input `shift` steps back, where it is in the same sequence
+        back = F.pad(x, (shift, 0))[..., :total]
+        y = y + torch.where(pos >= shift, back, 0.0) * weight[:, width - 1 - shift, None]
+    if bias is not None:
+        y = y + bias[:, None]
+    return y
+
+
+__all__ = ["SelectiveScan", "causal_conv1d_step", "causal_conv1d_varlen"]
