@@ -306,3 +306,52 @@ def test_move_columns_bad_arguments():
         torch.ops.selective_scan._move_columns(src, idx, idx, idx[:3], idx, 1, 4)
     with pytest.raises(ValueError, match="_move_columns: rows: expected >= 0, got -1"):
         torch.ops.selective_scan._move_columns(src, idx, idx, idx, idx, -1, 4)
+
+
+def test_mamba_varlen_prefill_fills_one_cache_row_per_sequence():
+    from selective_scan.nn import InferenceParams
+    torch.manual_seed(0)
+    lengths = [5, 1, 2, 9]
+    cu = torch.tensor([0, 5, 6, 8, 17])
+    block = Mamba(16, d_state=8, d_conv=4, layer_idx=0)
+    x = torch.randn(1, sum(lengths), 16)
+    params = InferenceParams(max_seqlen=32, max_batch_size=len(lengths))
+    y = block(x, inference_params=params, cu_seqlens=cu)
+    conv_state, ssm_state = params.key_value_memory_dict[0]
+    assert conv_state.shape == (4, block.d_inner, 4) and ssm_state.shape == (4, block.d_inner, 8)
+    for i in range(len(lengths)):
+        alone = InferenceParams(max_seqlen=32, max_batch_size=1)
+        y_alone = block(x[:, cu[i]:cu[i + 1]], inference_params=alone)
+        conv_alone, ssm_alone = alone.key_value_memory_dict[0]
+        torch.testing.assert_close(y[:, cu[i]:cu[i + 1]], y_alone, rtol=1e-5, atol=1e-6)
+        # (the in_proj outputs of a packed row and of one sequence may differ by rounding)
+        torch.testing.assert_close(conv_state[i], conv_alone[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ssm_state[i], ssm_alone[0], rtol=1e-5, atol=1e-6)
+    # a sequence shorter than d_conv: zeros before its first input
+    assert torch.count_nonzero(conv_state[1, :, :3]) == 0 and torch.count_nonzero(conv_state[1, :, 3]) > 0
+    params.seqlen_offset = 3
+    with pytest.raises(NotImplementedError, match="only prefills"):
+        block(x, inference_params=params, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_prompts_of_different_lengths(device):
+    torch.manual_seed(0)
+    lm = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=50), device=device)
+    prompts = [torch.randint(0, 50, (n,), device=device) for n in (5, 1, 12, 3)]
+    ids = lm.generate(prompts, 6, temperature=0)
+    assert [t.numel() for t in ids] == [11, 7, 18, 9]
+    reference = lm.generate(prompts, 6, temperature=0, use_cache=False)
+    alone = [lm.generate(p[None], 6, temperature=0)[0] for p in prompts]
+    for got, ref, one in zip(ids, reference, alone):
+        assert torch.equal(got, ref) and torch.equal(got, one)
+    # sampling: the cached and the re-run paths draw the same numbers
+    g1, g2 = (torch.Generator(device=device).manual_seed(3) for _ in range(2))
+    a, logits_a = lm.generate(prompts, 5, temperature=1.0, top_k=10, generator=g1, output_logits=True)
+    b, logits_b = lm.generate(prompts, 5, temperature=1.0, top_k=10, generator=g2, output_logits=True,
+                              use_cache=False)
+    assert logits_a.shape == (4, 5, 50)
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match=r"input_ids\[1\]: expected a 1-D tensor of at least one token"):
+        lm.generate([prompts[0], prompts[0][:0]], 2)

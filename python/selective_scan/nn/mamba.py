@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..decode import selective_state_update
 from .cache import InferenceParams
-from .scan import SelectiveScan, causal_conv1d_step, causal_conv1d_varlen
+from .scan import SelectiveScan, causal_conv1d_step, causal_conv1d_varlen, last_inputs_varlen
 
 
 def dt_bias_init(d_inner: int, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
@@ -90,31 +90,36 @@ class Mamba(nn.Module):
                 cu_seqlens: Optional[torch.Tensor] = None):
         """hidden_states (batch, seqlen, d_model) -> (batch, seqlen, d_model). With cu_seqlens
         (num_seqs + 1 offsets), hidden_states (1, total, d_model) holds sequences packed along seqlen,
-        each run as if alone: the conv and the scan stop at their boundaries (training and
-        evaluation; not with an inference cache)."""
+        each run as if alone: the conv and the scan stop at their boundaries. With an inference cache
+        that is a prefill (seqlen_offset 0) of num_seqs cache rows, one per sequence."""
         batch, seqlen, _ = hidden_states.shape
+        cache_batch = batch
         if cu_seqlens is not None:
-            if inference_params is not None:
-                raise NotImplementedError("Mamba: cu_seqlens with an inference cache is not supported")
             if batch != 1:
                 raise ValueError(f"hidden_states: expected batch 1 with cu_seqlens (sequences packed along "
                                  f"seqlen), got shape {tuple(hidden_states.shape)}")
+            if inference_params is not None and inference_params.seqlen_offset > 0:
+                raise NotImplementedError("Mamba: cu_seqlens with an inference cache only prefills "
+                                          f"(seqlen_offset 0), got seqlen_offset {inference_params.seqlen_offset}")
+            cache_batch = cu_seqlens.numel() - 1
         conv_state = ssm_state = None
         if inference_params is not None:
-            conv_state, ssm_state = self._states_from_cache(inference_params, batch, hidden_states)
+            conv_state, ssm_state = self._states_from_cache(inference_params, cache_batch, hidden_states)
             if inference_params.seqlen_offset > 0 and seqlen == 1:
                 out = self.step(hidden_states[:, 0], conv_state, ssm_state)
                 return out.unsqueeze(1)
 
         xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
         x, z = xz.chunk(2, dim=1)
-        if conv_state is not None:
+        if cu_seqlens is not None:
+            if conv_state is not None:
+                conv_state.copy_(last_inputs_varlen(x, cu_seqlens, self.d_conv))
+            x = causal_conv1d_varlen(x, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
+        elif conv_state is not None:
             # Continue from the last d_conv inputs (zeros at the start: the causal padding).
             x_ext = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)
             conv_state.copy_(x_ext[..., -self.d_conv:])
             x = F.conv1d(x_ext, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
-        elif cu_seqlens is not None:
-            x = causal_conv1d_varlen(x, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
         else:
             x = self.conv1d(x)[..., :seqlen]
         x = self.act(x)

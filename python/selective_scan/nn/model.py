@@ -191,7 +191,9 @@ class MambaLMHeadModel(nn.Module):
                  top_k: int = 0, top_p: float = 0.0, eos_token_id: Optional[int] = None, *,
                  use_cache: bool = True, generator: Optional[torch.Generator] = None,
                  output_logits: bool = False):
-        """Extend input_ids (batch, prompt_len) by up to max_new_tokens tokens.
+        """Extend input_ids (batch, prompt_len) by up to max_new_tokens tokens; input_ids may also be a
+        list of prompts (1-D, any lengths >= 1), prefilled together as packed sequences (cu_seqlens)
+        and returned as a list of 1-D tensors (prompt + generated).
 
         With use_cache (default), the prompt is prefilled by the scan and every further token costs
         one fused step per layer from a fixed-size cache: O(1) time and memory per token. With
@@ -200,6 +202,9 @@ class MambaLMHeadModel(nn.Module):
         loop ends early once all have. Returns the ids (batch, prompt_len + generated), and with
         output_logits also the logits of each generated position (batch, generated, vocab_size).
         """
+        if isinstance(input_ids, (list, tuple)):
+            return self._generate_prompts(list(input_ids), max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                          use_cache=use_cache, generator=generator, output_logits=output_logits)
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected shape (batch, prompt_len >= 1), got {tuple(input_ids.shape)}")
         batch, prompt_len = input_ids.shape
@@ -228,6 +233,58 @@ class MambaLMHeadModel(nn.Module):
                 break
         if output_logits:
             stacked = torch.stack(all_logits, dim=1) if all_logits else ids.new_zeros((batch, 0, vocab)).float()
+            return ids, stacked
+        return ids
+
+    def _generate_prompts(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, use_cache,
+                          generator, output_logits):
+        """generate() for a list of prompts of any lengths: with the cache, one packed prefill
+        (cu_seqlens) fills one cache row per prompt, then every token is one fused step for all;
+        without it, every sequence is re-run whole at every step (the reference). Both sample all
+        sequences' next tokens in one call, so they draw the same random numbers."""
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() < 1:
+                got = tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__
+                raise ValueError(f"input_ids[{i}]: expected a 1-D tensor of at least one token, got {got}")
+        if not prompts:
+            raise ValueError("input_ids: expected at least one prompt, got an empty list")
+        num = len(prompts)
+        lengths = [p.numel() for p in prompts]
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        cu_seqlens = torch.tensor(offsets)
+        vocab = self.config.vocab_size
+        device = prompts[0].device
+        params = InferenceParams(max_seqlen=max(lengths) + max_new_tokens, max_batch_size=num)
+        packed = torch.cat(prompts)[None]
+        last = torch.tensor(offsets[1:], device=device) - 1
+        finished = torch.zeros(num, dtype=torch.bool, device=device)
+        tokens, all_logits = [], []
+        for step in range(max_new_tokens):
+            if not use_cache:  # every sequence re-run whole, alone
+                logits = torch.cat([self(torch.cat([p] + [t[i:i + 1] for t in tokens])[None],
+                                         num_last_tokens=1).logits[:, -1] for i, p in enumerate(prompts)])
+            elif step == 0:
+                logits = self(packed, inference_params=params, cu_seqlens=cu_seqlens).logits[0, last]
+                params.seqlen_offset += max(lengths)
+            else:
+                logits = self(tokens[-1][:, None], inference_params=params, num_last_tokens=1).logits[:, -1]
+                params.seqlen_offset += 1
+            logits = logits[:, :vocab]
+            if output_logits:
+                all_logits.append(logits.float())
+            token = sample_logits(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+                finished |= token == eos_token_id
+            tokens.append(token.to(packed.dtype))
+            if eos_token_id is not None and bool(finished.all()):
+                break
+        new = torch.stack(tokens, dim=1) if tokens else packed.new_zeros((num, 0))
+        ids = [torch.cat([p, new[i]]) for i, p in enumerate(prompts)]
+        if output_logits:
+            stacked = torch.stack(all_logits, dim=1) if all_logits else new.new_zeros((num, 0, vocab)).float()
             return ids, stacked
         return ids
 

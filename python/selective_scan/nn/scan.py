@@ -86,4 +86,17 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return y
 
 
-__all__ = ["SelectiveScan", "causal_conv1d_step", "causal_conv1d_varlen"]
+def last_inputs_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
+    """The conv state each packed sequence leaves: its last `width` inputs, oldest first, zeros
+    before its start (x (1, dim, total) -> (num_seqs, dim, width)), as causal_conv1d_step keeps it."""
+    total = x.shape[-1]
+    offsets = check_cu_seqlens(cu_seqlens, total)
+    ends = torch.tensor(offsets[1:], dtype=torch.int64)[:, None]
+    starts = torch.tensor(offsets[:-1], dtype=torch.int64)[:, None]
+    pos = ends - width + torch.arange(width, dtype=torch.int64)[None, :]  # (num_seqs, width)
+    index = torch.where(pos >= starts, pos, total).flatten().to(x.device)
+    taken = F.pad(x[0], (0, 1)).index_select(-1, index)  # (dim, num_seqs * width)
+    return taken.view(x.shape[1], len(offsets) - 1, width).transpose(0, 1)
+
+
+__all__ = ["SelectiveScan", "causal_conv1d_step", "causal_conv1d_varlen", "last_inputs_varlen"]
