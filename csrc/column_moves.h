@@ -3,7 +3,8 @@
 // elements, element m from src[src_offset[k] + m * src_stride[k]] (zero where src_offset[k] < 0)
 // to dst[dst_offset[k] + m * dst_stride[k]]. Elements are moved as raw bits of `elem_bytes`
 // (2, 4 or 8). Indices outside src read zero and outside dst are not written, so no input can make
-// the move touch memory it does not own.
+// the move touch memory it does not own. An offset or stride tensor may also hold one value for
+// every column (a tensor expanded from one element: `*_step` 0 instead of 1).
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,7 @@ struct ColumnMoves {
   const int64_t* src_stride = nullptr;
   const int64_t* dst_offset = nullptr;
   const int64_t* dst_stride = nullptr;
+  int64_t src_offset_step = 1, src_stride_step = 1, dst_offset_step = 1, dst_stride_step = 1;
   int64_t rows = 0, columns = 0;
   int elem_bytes = 0;
 };

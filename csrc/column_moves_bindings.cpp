@@ -29,7 +29,8 @@ void move_typed(const ColumnMoves& p) {
   T* dst = static_cast<T*>(p.dst);
   at::parallel_for(0, p.columns, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const int64_t so = p.src_offset[k], ss = p.src_stride[k], dof = p.dst_offset[k], ds = p.dst_stride[k];
+      const int64_t so = p.src_offset[k * p.src_offset_step], ss = p.src_stride[k * p.src_stride_step];
+      const int64_t dof = p.dst_offset[k * p.dst_offset_step], ds = p.dst_stride[k * p.dst_stride_step];
       for (int64_t m = 0; m < p.rows; ++m) {
         const int64_t s = so + m * ss, d = dof + m * ds;
         if (d < 0 || d >= p.dst_numel) continue;
@@ -65,7 +66,7 @@ void check_index(const char* name, const at::Tensor& t, const at::Tensor& src, i
 // dst (dst_numel,) in src's dtype: column k's `rows` elements from src (read flat) at
 // src_offset[k] + m * src_stride[k], zeros where src_offset[k] < 0, to dst_offset[k] + m *
 // dst_stride[k]. dst elements no column writes are left uninitialised: the caller's columns
-// cover dst.
+// cover dst. The offset and stride tensors are (columns,) int64, or one value expanded to it.
 at::Tensor move_columns(const at::Tensor& src, const at::Tensor& src_offset, const at::Tensor& src_stride,
                         const at::Tensor& dst_offset, const at::Tensor& dst_stride, int64_t rows, int64_t dst_numel) {
   const int64_t columns = src_offset.dim() == 1 ? src_offset.size(0) : -1;
@@ -77,8 +78,10 @@ at::Tensor move_columns(const at::Tensor& src, const at::Tensor& src_offset, con
   TORCH_CHECK_VALUE(dst_numel >= 0, "_move_columns: dst_numel: expected >= 0, got ", num_text(dst_numel));
   const at::Tensor s = src.contiguous();
   at::Tensor dst = at::empty({dst_numel}, src.options());
-  const at::Tensor so = src_offset.contiguous(), ss = src_stride.contiguous();
-  const at::Tensor dof = dst_offset.contiguous(), ds = dst_stride.contiguous();
+  // (one value for every column, expanded: read with step 0; anything else as a contiguous copy)
+  auto steps_of = [](const at::Tensor& t) { return t.numel() > 1 && t.stride(0) == 0 ? t : t.contiguous(); };
+  const at::Tensor so = steps_of(src_offset), ss = steps_of(src_stride);
+  const at::Tensor dof = steps_of(dst_offset), ds = steps_of(dst_stride);
   ColumnMoves p;
   p.src = s.data_ptr();
   p.dst = dst.data_ptr();
@@ -88,6 +91,10 @@ at::Tensor move_columns(const at::Tensor& src, const at::Tensor& src_offset, con
   p.src_stride = ss.data_ptr<int64_t>();
   p.dst_offset = dof.data_ptr<int64_t>();
   p.dst_stride = ds.data_ptr<int64_t>();
+  p.src_offset_step = so.stride(0);
+  p.src_stride_step = ss.stride(0);
+  p.dst_offset_step = dof.stride(0);
+  p.dst_stride_step = ds.stride(0);
   p.rows = rows;
   p.columns = columns;
   p.elem_bytes = static_cast<int>(src.element_size());

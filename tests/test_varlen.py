@@ -292,6 +292,11 @@ def test_move_columns(device, dtype):
     written = ~torch.isnan(want.float())
     assert written.sum() == 3 * 39
     assert torch.equal(got.cpu()[written], want[written])
+    # one value for every column, expanded (stride 0), is read as that value
+    expanded = [args[0], torch.full((1,), 50, device=device).expand(40), args[2],
+                torch.full((1,), 40, device=device).expand(40)]
+    again = torch.ops.selective_scan._move_columns(src, *expanded, rows, dst_numel)
+    assert torch.equal(again.cpu()[written], want[written])
     # opcheck with columns that write every element (the op leaves unwritten elements uninitialised)
     full = [t.to(device) for t in (src_offset.clamp(max=49), src_stride, k, torch.full((40,), 40))]
     torch.library.opcheck(torch.ops.selective_scan._move_columns.default, (src, *full, rows, rows * 40))

@@ -20,8 +20,8 @@ __global__ void move_columns_kernel(const ColumnMoves p) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (k >= p.columns) return;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kRowsPerThread;
-  const int64_t so = p.src_offset[k], ss = p.src_stride[k];
-  const int64_t dof = p.dst_offset[k], ds = p.dst_stride[k];
+  const int64_t so = p.src_offset[k * p.src_offset_step], ss = p.src_stride[k * p.src_stride_step];
+  const int64_t dof = p.dst_offset[k * p.dst_offset_step], ds = p.dst_stride[k * p.dst_stride_step];
   const T* src = static_cast<const T*>(p.src);
   T* dst = static_cast<T*>(p.dst);
   T v[kRowsPerThread];

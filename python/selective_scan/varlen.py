@@ -98,12 +98,15 @@ def _move_columns_fake(src, src_offset, src_stride, dst_offset, dst_stride, rows
 class _Moves:
     """One column move of torch.ops.selective_scan._move_columns (csrc/column_moves.h): column k
     copies `rows` elements from src_offset[k] + m * src_stride[k] to dst_offset[k] + m *
-    dst_stride[k], for m < rows; a negative src_offset writes zeros."""
+    dst_stride[k], for m < rows; a negative src_offset writes zeros. Each of the four is a
+    (columns,) int64 tensor on the device, or an int: one value for every column."""
 
-    def __init__(self, src_offset, src_stride, dst_offset, dst_stride, dst_columns: int, device):
-        def on_device(a):
-            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
-        self.tensors = [on_device(a) for a in (src_offset, src_stride, dst_offset, dst_stride)]
+    def __init__(self, columns: int, dst_columns: int, device, *arrays):
+        def as_tensor(a):
+            if isinstance(a, torch.Tensor):
+                return a
+            return torch.full((1,), int(a), dtype=torch.int64, device=device).expand(columns)
+        self.tensors = [as_tensor(a) for a in arrays]
         self.dst_columns = dst_columns
 
     def __call__(self, src: torch.Tensor, rows: int) -> torch.Tensor:
@@ -151,10 +154,19 @@ class _Layout:
         if not (self.slot_of_step >= 0).all():
             raise AssertionError("varlen: a packed step without a padded slot")
         self.valid = [torch.from_numpy(v).to(device) for v in valid_parts]
+
+        def on_device(a):
+            return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+        # the per-column arrays that do not depend on the rows moved
+        self._step_of_slot = on_device(self.step_of_slot)
+        self._len_of_slot = on_device(self.len_of_slot)
+        self._len_of_step = on_device(self.len_of_slot[self.slot_of_step])
+        self._steps = torch.arange(total, dtype=torch.int64, device=device)
+        self._on_device = on_device
         self._moves = {}
 
     @staticmethod
-    @functools.lru_cache(maxsize=16)
+    @functools.lru_cache(maxsize=4)
     def of(offsets: Tuple[int, ...], end_aligned: bool, device: torch.device) -> "_Layout":
         return _Layout(offsets, end_aligned, device)
 
@@ -164,13 +176,11 @@ class _Layout:
         element m_base + i * L + j of the flat buffer, m_base = m * (first slot of row r)."""
         if m not in self._moves:
             cat_offset = m * self.row_of_slot + (np.arange(self.slots, dtype=np.int64) - self.row_of_slot)
-            steps = np.arange(self.total, dtype=np.int64)
-            s = self.slot_of_step
             self._moves[m] = (
-                _Moves(self.step_of_slot, np.full(self.slots, self.total), cat_offset, self.len_of_slot,
-                       self.slots, self.device),
-                _Moves(cat_offset[s], self.len_of_slot[s], steps, np.full(self.total, self.total), self.total,
-                       self.device))
+                _Moves(self.slots, self.slots, self.device,
+                       self._step_of_slot, self.total, self._on_device(cat_offset), self._len_of_slot),
+                _Moves(self.total, self.total, self.device,
+                       self._on_device(cat_offset[self.slot_of_step]), self._len_of_step, self._steps, self.total))
         return self._moves[m]
 
     def split(self, flat: torch.Tensor, mid) -> List[torch.Tensor]:
