@@ -3,8 +3,8 @@ their boundaries given by `cu_seqlens`, each scanned from its own initial state 
 own last state, as if it were scanned alone.
 
 The scan runs as padded batches of sequences of similar length through the fixed-length op. Every
-sequence of a batch is longer than half the batch's longest, so padding at most doubles the work;
-`padding_plan` says how it falls. A sequence is placed at the end of its row, after zeros: with
+sequence of a batch is longer than half the batch's longest, so padding at most doubles the work
+(rows are also rounded up to a multiple of 8 steps); `padding_plan` says how it falls. A sequence is placed at the end of its row, after zeros: with
 u = 0 the padded steps leave a zero state at zero exactly (h = a * 0 + d * B * 0), so its outputs,
 its last state and every gradient are those of the sequence scanned alone. An initial state would
 decay through those steps, so with initial states the sequences start their rows instead (padding
@@ -13,8 +13,11 @@ end-aligned scan from zero plus the initial state carried by the sequence's whol
 
     last = last(from zero) + exp(A * sum_t d_t) * initial_state.
 
-The gathers into and out of the padded layout are one-to-one, so their backward is the inverse
-gather: no atomics, and the gradients stay deterministic. docs/api.md has the contract.
+The data moves into and out of the padded batches are one launch each of the column-move op
+(torch.ops.selective_scan._move_columns, csrc/column_moves.h); each element moves once, so the
+backward of a move is the opposite move: no atomics, and the gradients stay deterministic. The
+states (initial and last, one row per sequence) are gathered with torch's indexing. docs/api.md
+has the contract, docs/design.md the moves and their timings.
 """
 from __future__ import annotations
 

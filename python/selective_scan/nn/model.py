@@ -220,13 +220,8 @@ class MambaLMHeadModel(nn.Module):
                 params.seqlen_offset += step_input.shape[1]
             else:
                 logits = self(ids, num_last_tokens=1).logits[:, -1]
-            logits = logits[:, :vocab]
-            if output_logits:
-                all_logits.append(logits.float())
-            token = sample_logits(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-                finished |= token == eos_token_id
+            token = self._next_token(logits, temperature, top_k, top_p, eos_token_id, generator, finished,
+                                     all_logits if output_logits else None)
             ids = torch.cat([ids, token[:, None].to(ids.dtype)], dim=1)
             step_input = ids[:, -1:]
             if eos_token_id is not None and bool(finished.all()):
@@ -235,6 +230,18 @@ class MambaLMHeadModel(nn.Module):
             stacked = torch.stack(all_logits, dim=1) if all_logits else ids.new_zeros((batch, 0, vocab)).float()
             return ids, stacked
         return ids
+
+    def _next_token(self, logits, temperature, top_k, top_p, eos_token_id, generator, finished, all_logits):
+        """The next token of each row from its logits (padded vocabulary cut off, kept in all_logits
+        when given); rows already finished repeat eos_token_id, and `finished` is updated in place."""
+        logits = logits[:, :self.config.vocab_size]
+        if all_logits is not None:
+            all_logits.append(logits.float())
+        token = sample_logits(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = torch.where(finished, torch.full_like(token, eos_token_id), token)
+            finished |= token == eos_token_id
+        return token
 
     def _generate_prompts(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, use_cache,
                           generator, output_logits):
@@ -271,13 +278,8 @@ class MambaLMHeadModel(nn.Module):
             else:
                 logits = self(tokens[-1][:, None], inference_params=params, num_last_tokens=1).logits[:, -1]
                 params.seqlen_offset += 1
-            logits = logits[:, :vocab]
-            if output_logits:
-                all_logits.append(logits.float())
-            token = sample_logits(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                token = torch.where(finished, torch.full_like(token, eos_token_id), token)
-                finished |= token == eos_token_id
+            token = self._next_token(logits, temperature, top_k, top_p, eos_token_id, generator, finished,
+                                     all_logits if output_logits else None)
             tokens.append(token.to(packed.dtype))
             if eos_token_id is not None and bool(finished.all()):
                 break
