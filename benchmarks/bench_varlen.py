@@ -67,17 +67,42 @@ def providers(case, lengths):
     }
 
 
+def block_providers(lengths, dim, dstate, dtype, device):
+    """A Mamba block (d_inner = dim) on the same sequences: packed (cu_seqlens), one padded batch,
+    one call per sequence; hidden states (.., d_model = dim / 2)."""
+    from selective_scan.nn import Mamba
+    torch.manual_seed(0)
+    block = Mamba(dim // 2, d_state=dstate, device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, sum(lengths), dim // 2, generator=g).to(device=device, dtype=dtype)
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets)
+    longest = max(lengths)
+    padded = torch.cat([torch.nn.functional.pad(x[:, offsets[i]:offsets[i + 1]], (0, 0, 0, longest - n))
+                        for i, n in enumerate(lengths)])
+    pieces = [x[:, offsets[i]:offsets[i + 1]] for i, n in enumerate(lengths) if n > 0]
+    return {
+        "block_varlen": (lambda h: [block(h, cu_seqlens=cu)], x),
+        "block_padded_batch": (lambda h: [block(h)], padded),
+        "block_per_sequence": (lambda hs: [block(h) for h in hs], pieces),
+    }, block
+
+
 def with_grad(inputs):
     def leaf(v):
         return v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-    if isinstance(inputs, list):
-        return [{k: leaf(v) for k, v in kw.items()} for kw in inputs]
-    return {k: leaf(v) for k, v in inputs.items()}
+
+    def one(kw):
+        return {k: leaf(v) for k, v in kw.items()} if isinstance(kw, dict) else leaf(kw)
+    return [one(kw) for kw in inputs] if isinstance(inputs, list) else one(inputs)
 
 
 def leaves_of(inputs):
     kws = inputs if isinstance(inputs, list) else [inputs]
-    return [v for kw in kws for v in kw.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    return [v for kw in kws for v in (kw.values() if isinstance(kw, dict) else [kw])
+            if isinstance(v, torch.Tensor) and v.requires_grad]
 
 
 def time_fn(fn, device, reps, warmup=3):
@@ -112,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--dstate", type=int, default=16)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--block", action="store_true",
+                    help="also time a Mamba block (d_inner = dim) on the same sequences, three ways")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -123,11 +150,21 @@ def main(argv=None):
              "padded_batch": len(lengths) * max(lengths),
              "per_sequence": sum(lengths)}
     records = []
-    for name, (fn, inputs) in providers(case, lengths).items():
+    cases = dict(providers(case, lengths))
+    if args.block:
+        blocks, block = block_providers(lengths, args.dim, args.dstate, dtype, args.device)
+        cases.update(blocks)
+        for name, scan_name in (("block_varlen", "varlen"), ("block_padded_batch", "padded_batch"),
+                                ("block_per_sequence", "per_sequence")):
+            steps[name] = steps[scan_name]
+    for name, (fn, inputs) in cases.items():
         with torch.no_grad():
             fwd = time_fn(lambda: fn(inputs), args.device, args.reps)
         grad_inputs = with_grad(inputs)
         leaves = leaves_of(grad_inputs)
+
+        if name.startswith("block_"):  # the block's parameters too
+            leaves = leaves + list(block.parameters())
 
         def fwdbwd():
             outs = fn(grad_inputs)

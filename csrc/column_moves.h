@@ -2,7 +2,8 @@
 // params shared by the CPU loop and the CUDA kernel. Each of `columns` columns k copies `rows`
 // elements, element m from src[src_offset[k] + m * src_stride[k]] (zero where src_offset[k] < 0)
 // to dst[dst_offset[k] + m * dst_stride[k]]. Elements are moved as raw bits of `elem_bytes`
-// (2, 4 or 8). Indices outside src read zero and outside dst are not written, so no input can make
+// (2, 4 or 8); src_numel is the span of src's memory from its first element (a strided view is
+// read in place). Indices outside src read zero and outside dst are not written, so no input can make
 // the move touch memory it does not own. An offset or stride tensor may also hold one value for
 // every column (a tensor expanded from one element: `*_step` 0 instead of 1).
 #pragma once

@@ -63,7 +63,7 @@ void check_index(const char* name, const at::Tensor& t, const at::Tensor& src, i
               " (src's device), got ", t.device().str());
 }
 
-// dst (dst_numel,) in src's dtype: column k's `rows` elements from src (read flat) at
+// dst (dst_numel,) in src's dtype: column k's `rows` elements from src's memory at
 // src_offset[k] + m * src_stride[k], zeros where src_offset[k] < 0, to dst_offset[k] + m *
 // dst_stride[k]. dst elements no column writes are left uninitialised: the caller's columns
 // cover dst. The offset and stride tensors are (columns,) int64, or one value expanded to it.
@@ -76,7 +76,15 @@ at::Tensor move_columns(const at::Tensor& src, const at::Tensor& src_offset, con
   check_index("dst_stride", dst_stride, src, columns);
   TORCH_CHECK_VALUE(rows >= 0, "_move_columns: rows: expected >= 0, got ", num_text(rows));
   TORCH_CHECK_VALUE(dst_numel >= 0, "_move_columns: dst_numel: expected >= 0, got ", num_text(dst_numel));
-  const at::Tensor s = src.contiguous();
+  // src is read as memory from its first element: a strided view in place (its offsets and strides
+  // count elements of that memory), within the span its sizes and strides reach; a view with a
+  // negative stride is read from a contiguous copy.
+  bool positive = true;
+  for (int64_t d = 0; d < src.dim(); ++d) positive = positive && src.stride(d) >= 0;
+  const at::Tensor s = positive ? src : src.contiguous();
+  int64_t span = s.numel() > 0 ? 1 : 0;
+  if (s.numel() > 0)
+    for (int64_t d = 0; d < s.dim(); ++d) span += (s.size(d) - 1) * s.stride(d);
   at::Tensor dst = at::empty({dst_numel}, src.options());
   // (one value for every column, expanded: read with step 0; anything else as a contiguous copy)
   auto steps_of = [](const at::Tensor& t) { return t.numel() > 1 && t.stride(0) == 0 ? t : t.contiguous(); };
@@ -85,7 +93,7 @@ at::Tensor move_columns(const at::Tensor& src, const at::Tensor& src_offset, con
   ColumnMoves p;
   p.src = s.data_ptr();
   p.dst = dst.data_ptr();
-  p.src_numel = s.numel();
+  p.src_numel = span;
   p.dst_numel = dst_numel;
   p.src_offset = so.data_ptr<int64_t>();
   p.src_stride = ss.data_ptr<int64_t>();

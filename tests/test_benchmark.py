@@ -226,14 +226,15 @@ def test_varlen_benchmark_writes_json(device, tmp_path):
     bench = _load_script("bench_varlen")
     out = tmp_path / "varlen.json"
     bench.main(["--device", device, "--num-seqs", "4", "--min-len", "3", "--max-len", "40", "--dim", "8",
-                "--dstate", "4", "--reps", "2", "--dtype", "fp32", "--out", str(out)])
+                "--dstate", "4", "--reps", "2", "--dtype", "fp32", "--block", "--out", str(out)])
     result = json.loads(out.read_text())
     assert {"date", "commit", "torch", "device"} <= set(result["machine"])
     case = result["case"]
     assert case["num_seqs"] == 4 and case["total_steps"] == sum(case["lengths"])
     records = result["records"]
     assert {(r["provider"], r["direction"]) for r in records} == {
-        (p, d) for p in ("varlen", "padded_batch", "per_sequence") for d in ("fwd", "fwdbwd")}
+        (p, d) for p in ("varlen", "padded_batch", "per_sequence", "block_varlen", "block_padded_batch",
+                         "block_per_sequence") for d in ("fwd", "fwdbwd")}
     for r in records:
         assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"]
     steps = {r["provider"]: r["steps_scanned"] for r in records}

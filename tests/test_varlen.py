@@ -360,3 +360,34 @@ def test_generate_prompts_of_different_lengths(device):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ValueError, match=r"input_ids\[1\]: expected a 1-D tensor of at least one token"):
         lm.generate([prompts[0], prompts[0][:0]], 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_strided_inputs_bitwise(device):
+    # packed inputs as the Mamba block makes them (steps-major memory seen through a transpose,
+    # z a slice of a wider tensor) give bitwise the results and gradients of contiguous copies
+    kw, cu = packed_case(LENGTHS["mixed"], torch.bfloat16, device, initial_state=True)
+
+    def steps_major(t):  # same values, memory (1, total, channels)
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    strided = dict(kw, u=steps_major(kw["u"]), delta=steps_major(kw["delta"]), B=steps_major(kw["B"]),
+                   C=steps_major(kw["C"]), z=torch.cat([kw["z"], kw["z"]], dim=2)[..., :kw["z"].shape[2]])
+    assert not strided["u"].is_contiguous() and not strided["z"].is_contiguous()
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(kw["u"].shape, generator=g, dtype=torch.float64).to(device)
+    dlast = torch.randn(7, 6, 5, generator=g, dtype=torch.float64).to(device)
+    out, last, gr = grads(selective_scan, kw, cu, dout, dlast)
+    out_s, last_s, gr_s = grads(selective_scan, strided, cu, dout, dlast)
+    assert torch.equal(out, out_s) and torch.equal(last, last_s)
+    for name in gr:
+        assert torch.equal(gr[name], gr_s[name]), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_move_columns_reads_strided_src_in_place(device):
+    x = torch.randn(5, 7, device=device)
+    view = x.t()  # (7, 5), strides (1, 7): element (i, j) at memory i + 7 j
+    cols = torch.arange(5, device=device)
+    got = torch.ops.selective_scan._move_columns(view, cols * 7, torch.ones(5, dtype=torch.int64, device=device),
+                                                 cols, torch.full((5,), 5, device=device), 7, 35)
+    assert torch.equal(got.view(7, 5), view)

@@ -173,18 +173,35 @@ class _Layout:
     def of(offsets: Tuple[int, ...], end_aligned: bool, device: torch.device) -> "_Layout":
         return _Layout(offsets, end_aligned, device)
 
-    def moves(self, m: int):
+    def moves(self, m: int, row_stride: Optional[int] = None, step_stride: int = 1):
         """(to the batches, from the batches) for tensors of m rows (the product of the middle
-        dimensions). Slot k of a batch of row length L, row r and column j holds, per row i < m,
-        element m_base + i * L + j of the flat buffer, m_base = m * (first slot of row r)."""
-        if m not in self._moves:
-            cat_offset = m * self.row_of_slot + (np.arange(self.slots, dtype=np.int64) - self.row_of_slot)
-            self._moves[m] = (
-                _Moves(self.slots, self.slots, self.device,
-                       self._step_of_slot, self.total, self._on_device(cat_offset), self._len_of_slot),
-                _Moves(self.total, self.total, self.device,
-                       self._on_device(cat_offset[self.slot_of_step]), self._len_of_step, self._steps, self.total))
-        return self._moves[m]
+        dimensions), the packed tensor read with those strides (default: contiguous (m, total));
+        the move back writes a contiguous one. Slot k of a batch of row length L, row r and column j
+        holds, per row i < m, element m_base + i * L + j of the flat buffer, m_base = m * (first slot
+        of row r)."""
+        row_stride = self.total if row_stride is None else row_stride
+        key = (m, row_stride, step_stride)
+        if key not in self._moves:
+            if m not in self._moves:
+                cat_offset = m * self.row_of_slot + (np.arange(self.slots, dtype=np.int64) - self.row_of_slot)
+                self._moves[m] = (self._on_device(cat_offset), _Moves(
+                    self.total, self.total, self.device,
+                    self._on_device(cat_offset[self.slot_of_step]), self._len_of_step, self._steps, self.total))
+            cat_offset, back = self._moves[m]
+            src = self._step_of_slot if step_stride == 1 else torch.where(
+                self._step_of_slot >= 0, self._step_of_slot * step_stride, -1)
+            self._moves[key] = (_Moves(self.slots, self.slots, self.device, src, row_stride, cat_offset,
+                                       self._len_of_slot), back)
+        return self._moves[key]
+
+    def strided_moves(self, x: torch.Tensor):
+        """x (1, *mid, total) -> (rows m, moves reading x in place): a (1, rows, steps) view with
+        positive strides as it is, anything else (several middle dimensions) from its layout
+        contiguous."""
+        m = x[0].numel() // self.total
+        if x.dim() == 3 and x.stride(1) > 0 and x.stride(2) > 0:
+            return x, m, self.moves(m, x.stride(1) if x.shape[1] > 1 else self.total, x.stride(2))
+        return x.contiguous(), m, self.moves(m)
 
     def split(self, flat: torch.Tensor, mid) -> List[torch.Tensor]:
         """The flat buffer's batches as (rows, *mid, row length) views."""
@@ -196,8 +213,8 @@ class _Layout:
         """x (1, *mid, total) -> per batch (rows, *mid, row length), zeros on padded steps."""
         if torch.is_grad_enabled() and x.requires_grad:
             return list(_Pad.apply(x, self))
-        m = x[0].numel() // self.total
-        return self.split(self.moves(m)[0](x, m), x.shape[1:-1])
+        src, m, (to_batches, _) = self.strided_moves(x)
+        return self.split(to_batches(src, m), x.shape[1:-1])
 
     def unpad(self, parts: List[torch.Tensor]) -> torch.Tensor:
         """Per batch (rows, *mid, row length) -> (1, *mid, total), the padded steps dropped."""
@@ -220,8 +237,8 @@ class _Pad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout):
         ctx.layout, ctx.shape, ctx.dtype = layout, x.shape, x.dtype
-        m = x[0].numel() // layout.total
-        return tuple(layout.split(layout.moves(m)[0](x, m), x.shape[1:-1]))
+        src, m, (to_batches, _) = layout.strided_moves(x)
+        return tuple(layout.split(to_batches(src, m), x.shape[1:-1]))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -243,9 +260,8 @@ class _Unpad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         layout = ctx.layout
-        mid = grad.shape[1:-1]
-        m = grad[0].numel() // layout.total
-        return (None, *layout.split(layout.moves(m)[0](grad, m), mid))
+        src, m, (to_batches, _) = layout.strided_moves(grad)
+        return (None, *layout.split(to_batches(src, m), grad.shape[1:-1]))
 
 
 def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool,
