@@ -109,7 +109,13 @@ class Mamba(nn.Module):
                 out = self.step(hidden_states[:, 0], conv_state, ssm_state)
                 return out.unsqueeze(1)
 
-        xz = self.in_proj(hidden_states).transpose(1, 2)  # (batch, 2 * d_inner, seqlen)
+        # Channels by tokens throughout, each channel's steps contiguous (as the scan reads them), so
+        # that no operand of the scan is a transposed view it would have to copy: the projections
+        # are weight @ activations.
+        xz = self.in_proj.weight @ hidden_states.reshape(batch * seqlen, -1).t()  # (2 d_inner, tokens)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias[:, None].to(xz.dtype)
+        xz = xz.view(-1, batch, seqlen).transpose(0, 1)  # (batch, 2 * d_inner, seqlen)
         x, z = xz.chunk(2, dim=1)
         if cu_seqlens is not None:
             if conv_state is not None:
@@ -124,11 +130,9 @@ class Mamba(nn.Module):
             x = self.conv1d(x)[..., :seqlen]
         x = self.act(x)
 
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen); bias in op
-        B = B.transpose(1, 2)  # (batch, d_state, seqlen)
-        C = C.transpose(1, 2)
+        x_dbl = self.x_proj.weight @ x  # (batch, dt_rank + 2 * d_state, seqlen)
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = self.dt_proj.weight @ dt  # (batch, d_inner, seqlen); the bias is added in the op
         initial_state = ssm_state if (ssm_state is not None and inference_params.seqlen_offset > 0) else None
         y = self.scan(x, dt.to(x.dtype), self._A(), B.to(x.dtype), C.to(x.dtype), self.D.float(), z=z.to(x.dtype),
                       delta_bias=self._dt_bias(), initial_state=initial_state,
