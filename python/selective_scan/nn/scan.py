@@ -3,6 +3,7 @@ decoding (shift the new column into the conv state, dot with the depthwise weigh
 the causal conv1d of packed variable-length sequences."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -63,6 +64,17 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
     return y.to(x.dtype)
 
 
+@functools.lru_cache(maxsize=4)
+def _steps_back_in_sequence(offsets, width: int, device: torch.device):
+    """Per shift 1 .. width - 1, which packed steps have the step `shift` back in their own
+    sequence: (total,) bool masks on the device, built once per offsets (a model's layers share
+    them, and no host-to-device copy per call)."""
+    starts = torch.tensor(offsets[:-1], dtype=torch.int64)
+    lengths = torch.tensor([offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)], dtype=torch.int64)
+    pos = (torch.arange(offsets[-1], dtype=torch.int64) - starts.repeat_interleave(lengths)).to(device)
+    return tuple(pos >= shift for shift in range(1, width))
+
+
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                          cu_seqlens: torch.Tensor) -> torch.Tensor:
     """The depthwise causal conv1d (no activation) of sequences packed along x's last axis
@@ -73,14 +85,12 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         weight = weight[:, 0]
     total = x.shape[-1]
     offsets = check_cu_seqlens(cu_seqlens, total)
-    starts = torch.tensor(offsets[:-1], dtype=torch.int64)
-    lengths = torch.tensor([offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)], dtype=torch.int64)
-    pos = (torch.arange(total, dtype=torch.int64) - starts.repeat_interleave(lengths)).to(x.device)
     width = weight.shape[-1]
+    in_sequence = _steps_back_in_sequence(tuple(offsets), width, x.device)
     y = x * weight[:, width - 1, None]
     for shift in range(1, width):  # the input `shift` steps back, where it is in the same sequence
         back = F.pad(x, (shift, 0))[..., :total]
-        y = y + torch.where(pos >= shift, back, 0.0) * weight[:, width - 1 - shift, None]
+        y = y + torch.where(in_sequence[shift - 1], back, 0.0) * weight[:, width - 1 - shift, None]
     if bias is not None:
         y = y + bias[:, None]
     return y
