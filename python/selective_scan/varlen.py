@@ -157,6 +157,13 @@ class _Layout:
         if not (self.slot_of_step >= 0).all():
             raise AssertionError("varlen: a packed step without a padded slot")
         self.valid = [torch.from_numpy(v).to(device) for v in valid_parts]
+        # The batches' rows in sequence order: their count, each sequence's row (the count for an
+        # empty sequence), each row's sequence, and which sequences are empty.
+        order = np.asarray([i for seqs in self.batches for i in seqs], dtype=np.int64)
+        row_of = np.full(len(lengths), order.size, dtype=np.int64)
+        row_of[order] = np.arange(order.size, dtype=np.int64)
+        self.rows_of_sequences = (order.size, torch.from_numpy(row_of).to(device), torch.from_numpy(order).to(device),
+                                  torch.from_numpy(lengths == 0).to(device))
 
         def on_device(a):
             return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
@@ -290,8 +297,8 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
         got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
         raise ValueError(f"initial_state: expected (num_seqs, dim, dstate) = {(num_seqs, dim, dstate)} with "
                          f"cu_seqlens, got {got}")
-    lengths = [offsets[i + 1] - offsets[i] for i in range(num_seqs)]
-    batches = _Layout.of(tuple(offsets), True, u.device).batches
+    end_layout = _Layout.of(tuple(offsets), True, u.device)
+    batches = end_layout.batches
     if not batches:  # no steps at all: the op itself, for its checks and its empty outputs
         out = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
         if not return_last_state:
@@ -303,13 +310,7 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
     def per_batch(x):
         return layout.pad(x) if x is not None and x.dim() >= 3 else [x] * len(batches)
 
-    # The batches' rows in order, and each sequence's row (`rows` for an empty sequence).
-    order = [i for seqs in batches for i in seqs]
-    rows = len(order)
-    row_of = torch.full((num_seqs,), rows, dtype=torch.int64)
-    row_of[torch.tensor(order, dtype=torch.int64)] = torch.arange(rows, dtype=torch.int64)
-    row_of = row_of.to(u.device)
-    seq_of = torch.tensor(order, dtype=torch.int64, device=u.device)
+    rows, row_of, seq_of, empty = end_layout.rows_of_sequences
     h0_rows = None
     if initial_state is not None:
         h0_all = _gather(initial_state, 0, seq_of, row_of)
@@ -354,8 +355,7 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
     # Rows of the batches back into sequence order; empty sequences keep their initial state.
     last = _gather(torch.cat(lasts), 0, row_of, seq_of)
     if with_initial and rows < num_seqs:
-        empty = torch.tensor([n == 0 for n in lengths], device=u.device)[:, None, None]
-        last = torch.where(empty, initial_state.to(last.dtype), last)
+        last = torch.where(empty[:, None, None], initial_state.to(last.dtype), last)
     return out, last
 
 
