@@ -2,8 +2,9 @@
 // library): the data movement between packed variable-length sequences and their padded batches
 // (python/selective_scan/varlen.py, which builds the columns and checks them), with the CPU loop
 // and the CUDA kernel behind one schema. Internal: the Python layer is its only caller.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstring>
