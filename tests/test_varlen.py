@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from selective_scan import selective_scan, selective_scan_ref
-from selective_scan.nn import Mamba, MambaConfig, MambaLMHeadModel, SelectiveScan, causal_conv1d_varlen
+from selective_scan.nn import (Mamba, MambaConfig, MambaLMHeadModel, SelectiveScan, causal_conv1d_varlen,
+                               last_inputs_varlen)
 from selective_scan.reference import selective_scan_parallel_ref
 from selective_scan.varlen import padding_plan
 
@@ -334,9 +335,59 @@ def test_mamba_varlen_prefill_fills_one_cache_row_per_sequence():
         torch.testing.assert_close(ssm_state[i], ssm_alone[0], rtol=1e-5, atol=1e-6)
     # a sequence shorter than d_conv: zeros before its first input
     assert torch.count_nonzero(conv_state[1, :, :3]) == 0 and torch.count_nonzero(conv_state[1, :, 3]) > 0
-    params.seqlen_offset = 3
-    with pytest.raises(NotImplementedError, match="only prefills"):
-        block(x, inference_params=params, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mamba_varlen_chunked_prefill(device):
+    # each sequence prefilled in two packed calls (the second continuing the cache rows; some
+    # sequences empty in one of them, some shorter than d_conv) equals one packed prefill
+    from selective_scan.nn import InferenceParams
+    torch.manual_seed(0)
+    first, second = [5, 1, 0, 9, 2], [3, 6, 4, 0, 1]
+    full = [a + b for a, b in zip(first, second)]
+
+    def offsets(lengths):
+        out = [0]
+        for n in lengths:
+            out.append(out[-1] + n)
+        return out
+    block = Mamba(16, d_state=8, d_conv=4, layer_idx=0, device=device)
+    seqs = [torch.randn(n, 16, device=device) for n in full]
+    packed = torch.cat(seqs)[None]
+    one = InferenceParams(max_seqlen=32, max_batch_size=5)
+    y_one = block(packed, inference_params=one, cu_seqlens=torch.tensor(offsets(full)))
+    two = InferenceParams(max_seqlen=32, max_batch_size=5)
+    y_a = block(torch.cat([t[:a] for t, a in zip(seqs, first)])[None], inference_params=two,
+                cu_seqlens=torch.tensor(offsets(first)))
+    two.seqlen_offset += max(first)
+    y_b = block(torch.cat([t[a:] for t, a in zip(seqs, first)])[None], inference_params=two,
+                cu_seqlens=torch.tensor(offsets(second)))
+    fo, so, fu = offsets(first), offsets(second), offsets(full)
+    for i in range(5):
+        torch.testing.assert_close(y_a[:, fo[i]:fo[i + 1]], y_one[:, fu[i]:fu[i] + first[i]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y_b[:, so[i]:so[i + 1]], y_one[:, fu[i] + first[i]:fu[i + 1]], rtol=1e-5,
+                                   atol=1e-5)
+    for a, b in zip(one.key_value_memory_dict[0], two.key_value_memory_dict[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_causal_conv1d_varlen_continues_previous_inputs(device):
+    # with each sequence's previous inputs, the packed conv equals the conv of the previous inputs
+    # and the sequence together, and the conv state it leaves is the last inputs of that whole
+    lengths, width = [3, 0, 1, 9, 2], 4
+    cu = torch.tensor([0, 3, 3, 4, 13, 15])
+    x = torch.randn(1, 5, 15, dtype=torch.float64, device=device)
+    previous = torch.randn(5, 5, width, dtype=torch.float64, device=device)
+    conv = torch.nn.Conv1d(5, 5, width, groups=5, dtype=torch.float64, device=device)
+    y = causal_conv1d_varlen(x, conv.weight, conv.bias, cu, previous)
+    state = last_inputs_varlen(x, cu, width, previous)
+    for i, n in enumerate(lengths):
+        whole = torch.cat([previous[i:i + 1, :, 1:], x[..., cu[i]:cu[i + 1]]], dim=-1)
+        if n:
+            torch.testing.assert_close(y[..., cu[i]:cu[i + 1]], conv(whole), rtol=1e-12, atol=1e-12)
+        ext = torch.cat([previous[i:i + 1], x[..., cu[i]:cu[i + 1]]], dim=-1)
+        torch.testing.assert_close(state[i], ext[0, :, -width:], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,9 +6,9 @@ from .cache import InferenceParams
 from .hf import from_hf_state_dict, load_hf_mamba_state_dict, mamba_config_from_hf
 from .mamba import Mamba, dt_bias_init
 from .model import CausalLMOutput, MambaConfig, MambaLMHeadModel, MixerModel, create_block, sample_logits
-from .scan import SelectiveScan, causal_conv1d_step, causal_conv1d_varlen
+from .scan import SelectiveScan, causal_conv1d_step, causal_conv1d_varlen, last_inputs_varlen
 
-__all__ = ["SelectiveScan", "causal_conv1d_step", "causal_conv1d_varlen", "Mamba", "dt_bias_init", "Block", "RMSNorm",
-           "InferenceParams", "MambaConfig", "MixerModel", "MambaLMHeadModel", "CausalLMOutput",
+__all__ = ["SelectiveScan", "causal_conv1d_step", "causal_conv1d_varlen", "last_inputs_varlen", "Mamba",
+           "dt_bias_init", "Block", "RMSNorm", "InferenceParams", "MambaConfig", "MixerModel", "MambaLMHeadModel", "CausalLMOutput",
            "create_block", "sample_logits", "load_hf_mamba_state_dict", "from_hf_state_dict",
            "mamba_config_from_hf"]

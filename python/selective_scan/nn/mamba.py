@@ -91,21 +91,19 @@ class Mamba(nn.Module):
         """hidden_states (batch, seqlen, d_model) -> (batch, seqlen, d_model). With cu_seqlens
         (num_seqs + 1 offsets), hidden_states (1, total, d_model) holds sequences packed along seqlen,
         each run as if alone: the conv and the scan stop at their boundaries. With an inference cache
-        that is a prefill (seqlen_offset 0) of num_seqs cache rows, one per sequence."""
+        the cache has num_seqs rows, one per sequence: a prefill at seqlen_offset 0, and later
+        forwards continue each row (chunked prefill; a sequence may be empty there)."""
         batch, seqlen, _ = hidden_states.shape
         cache_batch = batch
         if cu_seqlens is not None:
             if batch != 1:
                 raise ValueError(f"hidden_states: expected batch 1 with cu_seqlens (sequences packed along "
                                  f"seqlen), got shape {tuple(hidden_states.shape)}")
-            if inference_params is not None and inference_params.seqlen_offset > 0:
-                raise NotImplementedError("Mamba: cu_seqlens with an inference cache only prefills "
-                                          f"(seqlen_offset 0), got seqlen_offset {inference_params.seqlen_offset}")
             cache_batch = cu_seqlens.numel() - 1
         conv_state = ssm_state = None
         if inference_params is not None:
             conv_state, ssm_state = self._states_from_cache(inference_params, cache_batch, hidden_states)
-            if inference_params.seqlen_offset > 0 and seqlen == 1:
+            if inference_params.seqlen_offset > 0 and seqlen == 1 and cu_seqlens is None:
                 out = self.step(hidden_states[:, 0], conv_state, ssm_state)
                 return out.unsqueeze(1)
 
@@ -118,9 +116,12 @@ class Mamba(nn.Module):
         xz = xz.view(-1, batch, seqlen).transpose(0, 1)  # (batch, 2 * d_inner, seqlen)
         x, z = xz.chunk(2, dim=1)
         if cu_seqlens is not None:
-            if conv_state is not None:
-                conv_state.copy_(last_inputs_varlen(x, cu_seqlens, self.d_conv))
-            x = causal_conv1d_varlen(x, self.conv1d.weight, self.conv1d.bias, cu_seqlens)
+            # A prefill, or with seqlen_offset > 0 each sequence continuing its cache row.
+            previous = conv_state if conv_state is not None and inference_params.seqlen_offset > 0 else None
+            x_in = x
+            x = causal_conv1d_varlen(x, self.conv1d.weight, self.conv1d.bias, cu_seqlens, previous)
+            if conv_state is not None:  # (after the conv, which reads the previous inputs from it)
+                conv_state.copy_(last_inputs_varlen(x_in, cu_seqlens, self.d_conv, previous))
         elif conv_state is not None:
             # Continue from the last d_conv inputs (zeros at the start: the causal padding).
             x_ext = torch.cat([conv_state[..., 1:].to(x.dtype), x], dim=-1)

@@ -65,40 +65,54 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
 
 
 @functools.lru_cache(maxsize=4)
-def _steps_back_in_sequence(offsets, width: int, device: torch.device):
-    """Per shift 1 .. width - 1, which packed steps have the step `shift` back in their own
-    sequence: (total,) bool masks on the device, built once per offsets (a model's layers share
-    them, and no host-to-device copy per call)."""
+def _steps_back(offsets, width: int, device: torch.device):
+    """Per shift s = 1 .. width - 1, for the packed steps of offsets: which have the step s back in
+    their own sequence ((total,) bool), and those that do not, as (steps, their sequences, the
+    column width + position - s of the sequence's previous inputs that holds it). Built once per
+    offsets, on the device (a model's layers share them; no host-to-device copy per call)."""
     starts = torch.tensor(offsets[:-1], dtype=torch.int64)
     lengths = torch.tensor([offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)], dtype=torch.int64)
-    pos = (torch.arange(offsets[-1], dtype=torch.int64) - starts.repeat_interleave(lengths)).to(device)
-    return tuple(pos >= shift for shift in range(1, width))
+    seq = torch.arange(len(lengths), dtype=torch.int64).repeat_interleave(lengths)
+    pos = torch.arange(offsets[-1], dtype=torch.int64) - starts.repeat_interleave(lengths)
+    per_shift = []
+    for shift in range(1, width):
+        before = pos < shift
+        per_shift.append(((~before).to(device), before.nonzero().flatten().to(device), seq[before].to(device),
+                          (width + pos[before] - shift).to(device)))
+    return per_shift
 
 
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         cu_seqlens: torch.Tensor) -> torch.Tensor:
+                         cu_seqlens: torch.Tensor, initial_inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The depthwise causal conv1d (no activation) of sequences packed along x's last axis
-    (x (1, dim, total), offsets cu_seqlens): each output sees only its own sequence's inputs, the
-    steps before a sequence's start reading zeros, as the causal padding of one sequence alone.
-    weight is (dim, width) or the Conv1d weight (dim, 1, width). Computed in x's dtype."""
+    (x (1, dim, total), offsets cu_seqlens): each output sees only its own sequence's inputs; the
+    steps before a sequence's start read zeros, as the causal padding of one sequence alone, or,
+    with initial_inputs (num_seqs, dim, width), that sequence's previous inputs, oldest first (the
+    conv states of a cache). weight is (dim, width) or the Conv1d weight (dim, 1, width).
+    Computed in x's dtype."""
     if weight.dim() == 3:
         weight = weight[:, 0]
     total = x.shape[-1]
     offsets = check_cu_seqlens(cu_seqlens, total)
     width = weight.shape[-1]
-    in_sequence = _steps_back_in_sequence(tuple(offsets), width, x.device)
     y = x * weight[:, width - 1, None]
-    for shift in range(1, width):  # the input `shift` steps back, where it is in the same sequence
-        back = F.pad(x, (shift, 0))[..., :total]
-        y = y + torch.where(in_sequence[shift - 1], back, 0.0) * weight[:, width - 1 - shift, None]
+    for shift, (inside, steps, seqs, cols) in enumerate(_steps_back(tuple(offsets), width, x.device), start=1):
+        w = weight[:, width - 1 - shift]
+        back = F.pad(x, (shift, 0))[..., :total]  # the input `shift` steps back, where in the same sequence
+        y = y + torch.where(inside, back, 0.0) * w[:, None]
+        if initial_inputs is not None and steps.numel() > 0:  # else from before the sequence
+            prev = initial_inputs[seqs, :, cols].to(y.dtype) * w  # (steps, dim); each step once
+            y = y.index_add(-1, steps, prev.t()[None])
     if bias is not None:
         y = y + bias[:, None]
     return y
 
 
-def last_inputs_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) -> torch.Tensor:
-    """The conv state each packed sequence leaves: its last `width` inputs, oldest first, zeros
-    before its start (x (1, dim, total) -> (num_seqs, dim, width)), as causal_conv1d_step keeps it."""
+def last_inputs_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int,
+                       initial_inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The conv state each packed sequence leaves: its last `width` inputs, oldest first (x
+    (1, dim, total) -> (num_seqs, dim, width)), as causal_conv1d_step keeps it; before a sequence's
+    start, zeros, or with initial_inputs (num_seqs, dim, width) the inputs it continues."""
     total = x.shape[-1]
     offsets = check_cu_seqlens(cu_seqlens, total)
     ends = torch.tensor(offsets[1:], dtype=torch.int64)[:, None]
@@ -106,7 +120,13 @@ def last_inputs_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor, width: int) ->
     pos = ends - width + torch.arange(width, dtype=torch.int64)[None, :]  # (num_seqs, width)
     index = torch.where(pos >= starts, pos, total).flatten().to(x.device)
     taken = F.pad(x[0], (0, 1)).index_select(-1, index)  # (dim, num_seqs * width)
-    return taken.view(x.shape[1], len(offsets) - 1, width).transpose(0, 1)
+    last = taken.view(x.shape[1], len(offsets) - 1, width).transpose(0, 1)
+    if initial_inputs is None:
+        return last
+    before = (pos < starts).to(x.device)
+    cols = (width + pos - starts).clamp(0, width - 1).to(x.device)  # (where before the start)
+    earlier = initial_inputs.gather(2, cols[:, None, :].expand(-1, x.shape[1], -1)).to(last.dtype)
+    return torch.where(before[:, None, :], earlier, last)
 
 
 __all__ = ["SelectiveScan", "causal_conv1d_step", "causal_conv1d_varlen", "last_inputs_varlen"]
