@@ -67,19 +67,16 @@ def causal_conv1d_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.
 @functools.lru_cache(maxsize=4)
 def _steps_back(offsets, width: int, device: torch.device):
     """Per shift s = 1 .. width - 1, for the packed steps of offsets: which have the step s back in
-    their own sequence ((total,) bool), and those that do not, as (steps, their sequences, the
-    column width + position - s of the sequence's previous inputs that holds it). Built once per
-    offsets, on the device (a model's layers share them; no host-to-device copy per call)."""
+    their own sequence ((total,) bool), and for the others where it is among the sequence's previous
+    inputs (the sequence of each step, and the column width + position - s, clamped into range for
+    the steps that do not need it). Built once per offsets, on the device (a model's layers share
+    them; no host-to-device copy per call)."""
     starts = torch.tensor(offsets[:-1], dtype=torch.int64)
     lengths = torch.tensor([offsets[i + 1] - offsets[i] for i in range(len(offsets) - 1)], dtype=torch.int64)
-    seq = torch.arange(len(lengths), dtype=torch.int64).repeat_interleave(lengths)
+    seq = torch.arange(len(lengths), dtype=torch.int64).repeat_interleave(lengths).to(device)
     pos = torch.arange(offsets[-1], dtype=torch.int64) - starts.repeat_interleave(lengths)
-    per_shift = []
-    for shift in range(1, width):
-        before = pos < shift
-        per_shift.append(((~before).to(device), before.nonzero().flatten().to(device), seq[before].to(device),
-                          (width + pos[before] - shift).to(device)))
-    return per_shift
+    return [((pos >= shift).to(device), seq, (width + pos - shift).clamp(0, width - 1).to(device))
+            for shift in range(1, width)]
 
 
 def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -96,13 +93,14 @@ def causal_conv1d_varlen(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     offsets = check_cu_seqlens(cu_seqlens, total)
     width = weight.shape[-1]
     y = x * weight[:, width - 1, None]
-    for shift, (inside, steps, seqs, cols) in enumerate(_steps_back(tuple(offsets), width, x.device), start=1):
-        w = weight[:, width - 1 - shift]
-        back = F.pad(x, (shift, 0))[..., :total]  # the input `shift` steps back, where in the same sequence
-        y = y + torch.where(inside, back, 0.0) * w[:, None]
-        if initial_inputs is not None and steps.numel() > 0:  # else from before the sequence
-            prev = initial_inputs[seqs, :, cols].to(y.dtype) * w  # (steps, dim); each step once
-            y = y.index_add(-1, steps, prev.t()[None])
+    for shift, (inside, seqs, cols) in enumerate(_steps_back(tuple(offsets), width, x.device), start=1):
+        # the input `shift` steps back: in the same sequence, else zero or the previous inputs
+        back = F.pad(x, (shift, 0))[..., :total]
+        if initial_inputs is None:
+            back = torch.where(inside, back, 0.0)
+        else:
+            back = torch.where(inside, back, initial_inputs[seqs, :, cols].t()[None].to(back.dtype))
+        y = y + back * weight[:, width - 1 - shift, None]
     if bias is not None:
         y = y + bias[:, None]
     return y
