@@ -129,7 +129,7 @@ class _Layout:
         lengths = np.diff(np.asarray(offsets, dtype=np.int64))
         self.batches = padding_plan(lengths.tolist())
         self.device = device
-        step_parts, row_parts, valid_parts = [], [], []
+        step_parts, row_parts = [], []
         self.shapes = []  # (rows, row length) per batch
         slots = 0
         for seqs in self.batches:
@@ -142,7 +142,6 @@ class _Layout:
             valid = (col >= first) & (col < first + lens)
             step_parts.append(np.where(valid, starts[seqs][:, None] + col - first, -1).ravel())
             row_parts.append(np.repeat(slots + longest * np.arange(len(seqs), dtype=np.int64), longest))
-            valid_parts.append(valid)
             self.shapes.append((len(seqs), longest))
             slots += len(seqs) * longest
         self.slots = slots
@@ -156,7 +155,6 @@ class _Layout:
         self.slot_of_step[self.step_of_slot[taken]] = np.flatnonzero(taken)
         if not (self.slot_of_step >= 0).all():
             raise AssertionError("varlen: a packed step without a padded slot")
-        self.valid = [torch.from_numpy(v).to(device) for v in valid_parts]
         # The batches' rows in sequence order: their count, each sequence's row (the count for an
         # empty sequence), each row's sequence, and which sequences are empty.
         order = np.asarray([i for seqs in self.batches for i in seqs], dtype=np.int64)
@@ -297,8 +295,10 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
         got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
         raise ValueError(f"initial_state: expected (num_seqs, dim, dstate) = {(num_seqs, dim, dstate)} with "
                          f"cu_seqlens, got {got}")
-    end_layout = _Layout.of(tuple(offsets), True, u.device)
-    batches = end_layout.batches
+    with_initial = initial_state is not None
+    # End-aligned rows without initial states; start-aligned with them (the batches are the same).
+    first_layout = _Layout.of(tuple(offsets), not with_initial, u.device)
+    batches = first_layout.batches
     if not batches:  # no steps at all: the op itself, for its checks and its empty outputs
         out = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
         if not return_last_state:
@@ -310,7 +310,7 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
     def per_batch(x):
         return layout.pad(x) if x is not None and x.dim() >= 3 else [x] * len(batches)
 
-    rows, row_of, seq_of, empty = end_layout.rows_of_sequences
+    rows, row_of, seq_of, empty = first_layout.rows_of_sequences
     h0_rows = None
     if initial_state is not None:
         h0_all = _gather(initial_state, 0, seq_of, row_of)
@@ -319,30 +319,30 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
             h0_rows.append(h0_all.narrow(0, at, len(seqs)))
             at += len(seqs)
 
-    def run(end_aligned: bool, with_initial: bool, want_last: bool):
+    def run(end_aligned: bool, with_initial: bool, want_last: bool, last_only: bool = False):
+        """The scans of the batches; last_only: for their last states, which D and z do not change."""
         nonlocal layout
         layout = _Layout.of(tuple(offsets), end_aligned, u.device)
-        us, deltas, zs, Bs, Cs = (per_batch(x) for x in (u, delta, z, B, C))
+        us, deltas, zs, Bs, Cs = (per_batch(x) for x in (u, delta, None if last_only else z, B, C))
         outs, lasts = [], []
         for k in range(len(batches)):
             h0 = h0_rows[k] if with_initial else None
-            r = scan(us[k], deltas[k], A, Bs[k], Cs[k], D, zs[k], delta_bias, delta_softplus, want_last,
-                     initial_state=h0)
+            r = scan(us[k], deltas[k], A, Bs[k], Cs[k], None if last_only else D, zs[k], delta_bias, delta_softplus,
+                     want_last, initial_state=h0)
             out, last = r if want_last else (r, None)
             outs.append(out)
             lasts.append(last)
         return outs, lasts, deltas
 
     layout = None
-    with_initial = initial_state is not None
-    # End-aligned rows without initial states; start-aligned with them.
     outs, lasts, deltas = run(not with_initial, with_initial, return_last_state and not with_initial)
     out = layout.unpad(outs)
     if not return_last_state:
         return out
     if with_initial:
-        valid = layout.valid
-        _, lasts, _ = run(True, False, True)
+        # the start-aligned batches' real steps, per batch (rows, row length)
+        valid = layout.split(layout._step_of_slot >= 0, ())
+        _, lasts, _ = run(True, False, True, last_only=True)
         ct = lasts[0].dtype
         for k in range(len(batches)):
             d = deltas[k].to(ct)
