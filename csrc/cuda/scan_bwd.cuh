@@ -166,6 +166,40 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
   const bool ckpt_async = kCkptAsync && dstate % 2 == 0 &&
                           (!kOutF32 || (ck_row % 2 == 0 && reinterpret_cast<uintptr_t>(bp.checkpoints) % 8 == 0));
   float delta_sum = 0.f;  // adjoint-only pass: sum of the piece's delta (after bias and softplus)
+
+  // Loads ahead (the full pass at 16 threads per channel, all four rows 16-byte aligned): chunk
+  // k - 1's segments are issued into those registers once chunk k's reverse phase is done, so that
+  // their latency overlaps chunk k's du / ddelta stores, and the staging of chunk k - 1 converts
+  // them. Only whole chunks, by 16-byte loads only, as in the forward (item 25): every chunk but
+  // the first walked, which may be partial and loads when staged. At 4 and 8 threads per channel
+  // the same made the backward 2.4-4.3% slower, at 16 2.1% faster (docs/design.md, item 59).
+  constexpr bool kRowsAhead = kWarpSums && !kAdjointOnly && kTPC >= 16;
+  const bool rows_ahead = kRowsAhead && f.u_aligned && f.delta_aligned && f.dout_aligned &&
+                          (z_base == nullptr || f.z_aligned);
+  // This thread's segments v = tid and tid + threads of the next chunk's u, delta, dout and z.
+  RawSeg<input_t> ahead_u[2], ahead_d[2], ahead_g[2], ahead_z[2];
+  auto load_rows_whole = [&](int64_t k) {
+    const int64_t t0 = k * kChunk;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int v = tid + i * threads;
+      const int cc = v / (kChunk / kVec);
+      const int t = (v % (kChunk / kVec)) * kVec;
+      if (v < vecs && cc < rows.valid) {
+        const int64_t dc = rows.d0 + cc;
+        ahead_u[i] = load_seg_whole(u_base + dc * p.u.dim_stride + t0, t);
+        ahead_d[i] = load_seg_whole(delta_base + dc * p.delta.dim_stride + t0, t);
+        ahead_g[i] = load_seg_whole(dout_base + dc * bp.dout.dim_stride + t0, t);
+        if (z_base) ahead_z[i] = load_seg_whole(z_base + dc * p.z.dim_stride + t0, t);
+        else zero_seg(ahead_z[i]);
+      } else {
+        zero_seg(ahead_u[i]);
+        zero_seg(ahead_d[i]);
+        zero_seg(ahead_g[i]);
+        zero_seg(ahead_z[i]);
+      }
+    }
+  };
   for (int64_t k = k_end - 1; k >= k_begin; --k) {
     const int64_t t0 = k * kChunk;
     const int len = static_cast<int>(p.seqlen - t0 < kChunk ? p.seqlen - t0 : kChunk);
@@ -198,10 +232,17 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
       if (!kAdjointOnly && p.B.is_variable) rb = load_bc_seg<input_t>(p.B, rows.b, rows.gB, t0, len, dstate, npad, tid);
       if (p.C.is_variable) rc = load_bc_seg<input_t>(p.C, rows.b, rows.gC, t0, len, dstate, npad, tid);
     }
+    const bool loaded_ahead = kRowsAhead && rows_ahead && k < k_end - 1;  // (one pass of the loop below)
     for (int first = 0; first < vecs; first += 2 * threads) {
-      RawSeg<input_t> ru[2], rd[2], rg[2], rz[2];
+      // The kernels with loads ahead stage from the registers those went to (where this chunk's
+      // loads go too when it was not loaded ahead), the others from registers of the loop's own.
+      RawSeg<input_t> own_u[2], own_d[2], own_g[2], own_z[2];
+      RawSeg<input_t>(&ru)[2] = kRowsAhead ? ahead_u : own_u;
+      RawSeg<input_t>(&rd)[2] = kRowsAhead ? ahead_d : own_d;
+      RawSeg<input_t>(&rg)[2] = kRowsAhead ? ahead_g : own_g;
+      RawSeg<input_t>(&rz)[2] = kRowsAhead ? ahead_z : own_z;
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
+      for (int i = 0; i < 2 && !loaded_ahead; ++i) {
         const int v = first + tid + i * threads;
         const int cc = v / (kChunk / kVec);
         const int t = (v % (kChunk / kVec)) * kVec;
@@ -609,6 +650,22 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
         }
       }
       __syncthreads();
+    }
+
+    if constexpr (kRowsAhead) {
+      if (rows_ahead && k > k_begin) {
+        load_rows_whole(k - 1);
+      } else {
+        // (the registers are written on every path out of the reverse phase, so that they are
+        // not held through it)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          zero_seg(ahead_u[i]);
+          zero_seg(ahead_d[i]);
+          zero_seg(ahead_g[i]);
+          zero_seg(ahead_z[i]);
+        }
+      }
     }
 
     // Store du and ddelta of the chunk.
