@@ -337,6 +337,29 @@ def test_fixed_layouts(monkeypatch, pieces, dtype, dstate, seqlen):
     check_backward(kw, "cuda", dtype)
 
 
+
+@pytest.mark.parametrize("pieces", ["1", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("forms", [("var", "var"), ("const", "group")], ids=["var_var", "const_group"])
+@pytest.mark.parametrize("z", [True, False], ids=["z", "no_z"])
+def test_backward_rows_loaded_ahead(monkeypatch, pieces, dtype, forms, z):
+    """The backward at 16 threads per channel (dstate 33-64) loads the next chunk's rows of u,
+    delta, dout and z into registers during the previous chunk's stores (aligned rows, every
+    chunk but the first walked): with and without z, both-variable and time-invariant B, one
+    pass and pieces of the sequence split (each piece's first chunk walked loads when staged),
+    a partial last chunk; against float64."""
+    if pieces == "auto":
+        monkeypatch.delenv("SELECTIVE_SCAN_SEQ_SPLITS", raising=False)
+    else:
+        monkeypatch.setenv("SELECTIVE_SCAN_SEQ_SPLITS", pieces)
+    kw = make_inputs(device="cuda", dtype=dtype, batch=2, dim=40, seqlen=600, dstate=64,
+                     B_form=forms[0], C_form=forms[1], C_groups=2, z=z, delta_softplus=True,
+                     delta_bias=True, initial_state=True, seed=307 + len(pieces) + int(z))
+    for name in ("u", "delta") + (("z",) if z else ()):
+        assert kw[name].data_ptr() % 16 == 0 and (kw[name].stride(-2) * kw[name].element_size()) % 16 == 0
+    check_forward(kw, "cuda", dtype)
+    check_backward(kw, "cuda", dtype)
+
 SMALL_DSTATE_LAYOUTS = {
     # 80 rows, three chunks (no sequence split): the forward pads to four threads per channel of
     # four states, the backward runs one state per thread at dstate 2-4
