@@ -307,9 +307,6 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
         last = u.new_zeros((num_seqs, dim, A.shape[-1]), dtype=ct) if initial_state is None else initial_state + 0
         return out, last
 
-    def per_batch(x):
-        return layout.pad(x) if x is not None and x.dim() >= 3 else [x] * len(batches)
-
     rows, row_of, seq_of, empty = first_layout.rows_of_sequences
     h0_rows = None
     if initial_state is not None:
@@ -320,9 +317,12 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
             at += len(seqs)
 
     def run(end_aligned: bool, with_initial: bool, want_last: bool, last_only: bool = False):
-        """The scans of the batches; last_only: for their last states, which D and z do not change."""
-        nonlocal layout
+        """The scans of the batches, with their layout; last_only: for their last states, which D and
+        z do not change."""
         layout = _Layout.of(tuple(offsets), end_aligned, u.device)
+
+        def per_batch(x):
+            return layout.pad(x) if x is not None and x.dim() >= 3 else [x] * len(batches)
         us, deltas, zs, Bs, Cs = (per_batch(x) for x in (u, delta, None if last_only else z, B, C))
         outs, lasts = [], []
         for k in range(len(batches)):
@@ -332,17 +332,16 @@ def selective_scan_varlen(scan: Callable, u, delta, A, B, C, D, z, delta_bias, d
             out, last = r if want_last else (r, None)
             outs.append(out)
             lasts.append(last)
-        return outs, lasts, deltas
+        return layout, outs, lasts, deltas
 
-    layout = None
-    outs, lasts, deltas = run(not with_initial, with_initial, return_last_state and not with_initial)
+    layout, outs, lasts, deltas = run(not with_initial, with_initial, return_last_state and not with_initial)
     out = layout.unpad(outs)
     if not return_last_state:
         return out
     if with_initial:
         # the start-aligned batches' real steps, per batch (rows, row length)
         valid = layout.split(layout._step_of_slot >= 0, ())
-        _, lasts, _ = run(True, False, True, last_only=True)
+        _, _, lasts, _ = run(True, False, True, last_only=True)
         ct = lasts[0].dtype
         for k in range(len(batches)):
             d = deltas[k].to(ct)

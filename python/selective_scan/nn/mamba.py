@@ -95,6 +95,10 @@ class Mamba(nn.Module):
         forwards continue each row (chunked prefill; a sequence may be empty there)."""
         batch, seqlen, _ = hidden_states.shape
         cache_batch = batch
+        if isinstance(cu_seqlens, torch.Tensor):
+            # The conv, the cache's conv state and the scan each read the offsets on the host: one
+            # copy from the device here (a no-op on the CPU) instead of one wait in each of them.
+            cu_seqlens = cu_seqlens.cpu()
         if cu_seqlens is not None:
             if batch != 1:
                 raise ValueError(f"hidden_states: expected batch 1 with cu_seqlens (sequences packed along "

@@ -117,7 +117,9 @@ class MixerModel(nn.Module):
         sequences packed along seqlen, each run as if alone (Mamba.forward)."""
         hidden_states = self.embedding(input_ids)
         residual = None
-        mixer_kwargs = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
+        # (the layers read the offsets on the host: copied from the device once, not once per layer)
+        mixer_kwargs = {} if cu_seqlens is None else {
+            "cu_seqlens": cu_seqlens.cpu() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens}
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params,
                                             **mixer_kwargs)
