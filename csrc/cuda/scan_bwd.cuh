@@ -461,7 +461,8 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
           }
         }
       }
-      float dBlate[kSPT], dClate[kSPT];  // kWarpSums: the previous step's dB / dC terms
+      // kWarpSums: the previous step's dB / dC terms, each as per-state factors times a scalar
+      float fBlate[kSPT], fClate[kSPT], sBlate = 1.f, sClate = 1.f;
 #pragma unroll
       for (int kk = kSub - 1; kk >= 0; --kk) {
         const int t = sub * kSub + kk;
@@ -469,7 +470,7 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
         float Bt[kSPT], Ct[kSPT];
         load_smem<kSPT>(Bsrc + t * Bstep, Bt);
         load_smem<kSPT>(Csrc + t * Cstep, Ct);
-        float sA = 0.f, sB = 0.f, dBt[kSPT], dCt[kSPT];
+        float sA = 0.f, sB = 0.f, gt[kSPT], dBt[kSPT], dCt[kSPT];
 #pragma unroll
         for (int j = 0; j < kSPT; ++j) {
           const float g = fmaf(dyt, Ct[j], G[j]);        // g_t = C_t dy_t + a_{t+1} g_{t+1}
@@ -479,6 +480,7 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
           dA_acc[j] = fmaf(qv, dt, dA_acc[j]);
           sA = fmaf(Af[j], qv, sA);
           sB = fmaf(g, Bt[j], sB);
+          gt[j] = g;
           dBt[j] = g * dut;
           dCt[j] = dyt * hs[kk][j];
           G[j] = ag;
@@ -497,18 +499,26 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
           // item 45).
           if (kk < kSub - 1) {
             const int wrow = (warp * kSub + kk + 1) * (npad + kWarpRowPad);
-            warp_channel_sums<kTPC, kSwapHalves>(dBlate, lane, n0, s_wB + wrow);
-            warp_channel_sums<kTPC, kSwapHalves>(dClate, lane, n0, s_wC + wrow);
+            warp_channel_sums<kTPC, kSwapHalves>(fBlate, sBlate, lane, n0, s_wB + wrow);
+            warp_channel_sums<kTPC, kSwapHalves>(fClate, sClate, lane, n0, s_wC + wrow);
           }
-          if (kk == 0) {
-            const int wrow = (warp * kSub) * (npad + kWarpRowPad);
-            warp_channel_sums<kTPC, kSwapHalves>(dBt, lane, n0, s_wB + wrow);
-            warp_channel_sums<kTPC, kSwapHalves>(dCt, lane, n0, s_wC + wrow);
-          }
+          // The terms g_t d_t u_t and h_t dy_t as factors and scalars: at 4 and 8 threads per
+          // channel the adjoints and states with d * u and dy, so that the warp sums fuse the kept
+          // terms' products into their first adds (at 4, 29 instructions fewer per sub-chunk; at
+          // 8 the compiler had contracted them already), at 16 the products with 1 (there the
+          // longer-lived factors spilled; design.md, item 60).
+          constexpr bool kFusedTerms = kTPC <= 8;
 #pragma unroll
           for (int j = 0; j < kSPT; ++j) {
-            dBlate[j] = dBt[j];
-            dClate[j] = dCt[j];
+            fBlate[j] = kFusedTerms ? gt[j] : dBt[j];
+            fClate[j] = kFusedTerms ? hs[kk][j] : dCt[j];
+          }
+          sBlate = kFusedTerms ? dut : 1.f;
+          sClate = kFusedTerms ? dyt : 1.f;
+          if (kk == 0) {
+            const int wrow = (warp * kSub) * (npad + kWarpRowPad);
+            warp_channel_sums<kTPC, kSwapHalves>(fBlate, sBlate, lane, n0, s_wB + wrow);
+            warp_channel_sums<kTPC, kSwapHalves>(fClate, sClate, lane, n0, s_wC + wrow);
           }
           if (!kVarBC && (!p.B.is_variable || !p.C.is_variable)) {
 #pragma unroll

@@ -557,22 +557,26 @@ __host__ __device__ inline bool bwd_warp_sums(const BlockShape& s) {
 // the eight steps that consecutive threads read in different banks.
 constexpr int kWarpRowPad = 4;
 
-// x[0..3]: this lane's four states (n0..n0+3) of one step. Sums them over the warp's channels
-// (32 / kTPC of them: lanes differing in bits log2(kTPC)..4) in a fixed order by a transposed
-// butterfly, and writes each state's sum once into row[n] (the warp's row for the step): with
-// kTPC 4 and 8 a lane ends with one state (2 * bit4 + bit3 of its four), with 16 two. At the
-// first level (lanes 16 apart) a lane of the lower half keeps states 0, 1 and sends 2, 3, one of
-// the upper half the reverse; kSwapped: the upper half's x holds its states in the order 2, 3, 0,
-// 1, so that every lane keeps x[0], x[1] and sends x[2], x[3], without selects.
+// f[0..3] * s: this lane's four states (n0..n0+3) of one step's terms, each a per-state factor
+// times a per-lane scalar (dB: g_t[n] * d_t u_t, dC: h_t[n] * dy_t). Sums them over the warp's
+// channels (32 / kTPC of them: lanes differing in bits log2(kTPC)..4) in a fixed order by a
+// transposed butterfly, and writes each state's sum once into row[n] (the warp's row for the
+// step): with kTPC 4 and 8 a lane ends with one state (2 * bit4 + bit3 of its four), with 16 two.
+// At the first level (lanes 16 apart) a lane of the lower half keeps states 0, 1 and sends 2, 3,
+// one of the upper half the reverse; kSwapped: the upper half's f holds its states in the order
+// 2, 3, 0, 1, so that every lane keeps f[0], f[1] and sends f[2], f[3], without selects. Only the
+// sent terms are formed as products; the kept ones are fused into the first level's adds (one
+// FFMA in place of a multiply and an add; docs/design.md, item 60).
 template <int kTPC, bool kSwapped = false>
-__device__ __forceinline__ void warp_channel_sums(const float (&x)[4], int lane, int n0, float* row) {
+__device__ __forceinline__ void warp_channel_sums(const float (&f)[4], float s, int lane, int n0, float* row) {
   static_assert(kTPC == 4 || kTPC == 8 || kTPC == 16, "warp sums at 4, 8 or 16 threads per channel");
   const bool b4 = (lane >> 4) & 1;
   const bool swap = b4 && !kSwapped;
-  const float k0 = swap ? x[2] : x[0], k1 = swap ? x[3] : x[1];
-  const float s0 = swap ? x[0] : x[2], s1 = swap ? x[1] : x[3];
-  const float y0 = k0 + __shfl_xor_sync(0xffffffffu, s0, 16);
-  const float y1 = k1 + __shfl_xor_sync(0xffffffffu, s1, 16);
+  const float k0 = swap ? f[2] : f[0], k1 = swap ? f[3] : f[1];
+  const float s0 = swap ? f[0] : f[2], s1 = swap ? f[1] : f[3];
+  // (a * b + c, which nvcc contracts into one FFMA, and into an add where s is the constant 1)
+  const float y0 = k0 * s + __shfl_xor_sync(0xffffffffu, s0 * s, 16);
+  const float y1 = k1 * s + __shfl_xor_sync(0xffffffffu, s1 * s, 16);
   if constexpr (kTPC == 16) {
     *reinterpret_cast<float2*>(row + n0 + 2 * b4) = make_float2(y0, y1);
   } else {
