@@ -139,8 +139,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--timing-only", action="store_true", help="skip the accuracy grid")
-    ap.add_argument("--shapes", default="", help="timing shapes, e.g. 8x1536x2048x8,8x1536x2048x4 (bf16; "
-                    "default: the anchors and dstate 32 and 128)")
+    ap.add_argument("--shapes", default="", help="timing shapes, e.g. 8x1536x2048x8,8x1536x2048x64:fp32 (bf16 "
+                    "unless a shape names its dtype: bf16, fp16 or fp32; default: the anchors, in bf16 and at "
+                    "(8, 1536, 2048, 16) also in fp32, and dstate 32 and 128)")
     args = ap.parse_args()
     results = {"spt": os.environ.get("SELECTIVE_SCAN_SPT", "auto"), "gpu": torch.cuda.get_device_name(),
                "checks": [], "timings": []}
@@ -156,16 +157,23 @@ def main():
         print(("OK  " if ok else "BAD ") + json.dumps(label) + " det=" + str(det) + " max=" +
               f"{max(errs.values()):.2e} " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     if not args.no_timing:
-        shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else
-                  [(8, 1536, 2048, 16), (4, 5120, 2048, 16), (1, 2048, 16384, 16), (16, 4096, 1024, 16),
-                   (8, 1536, 2048, 64), (8, 1536, 2048, 32), (8, 1536, 2048, 128)])
-        for shape in shapes:
-            for dtype in (torch.bfloat16, torch.float32):
-                if dtype == torch.float32 and shape != (8, 1536, 2048, 16):
-                    continue
-                t = timing(shape, dtype)
-                results["timings"].append({"shape": shape, "dtype": str(dtype), **t})
-                print(f"TIME {shape} {dtype}: fwd {t['fwd_us']:.0f} us, bwd {t['bwd_us']:.0f} us", flush=True)
+        if args.shapes:
+            dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+            cases = []
+            for spec in args.shapes.split(","):
+                dims, _, dtype_name = spec.partition(":")
+                if dtype_name and dtype_name not in dtypes:
+                    raise SystemExit(f"--shapes: dtype of {spec!r}: expected one of {sorted(dtypes)}, got {dtype_name!r}")
+                cases.append((tuple(int(v) for v in dims.split("x")), dtypes[dtype_name or "bf16"]))
+        else:
+            anchors = [(8, 1536, 2048, 16), (4, 5120, 2048, 16), (1, 2048, 16384, 16), (16, 4096, 1024, 16),
+                       (8, 1536, 2048, 64), (8, 1536, 2048, 32), (8, 1536, 2048, 128)]
+            cases = [(shape, dtype) for shape in anchors for dtype in (torch.bfloat16, torch.float32)
+                     if dtype == torch.bfloat16 or shape == (8, 1536, 2048, 16)]
+        for shape, dtype in cases:
+            t = timing(shape, dtype)
+            results["timings"].append({"shape": shape, "dtype": str(dtype), **t})
+            print(f"TIME {shape} {dtype}: fwd {t['fwd_us']:.0f} us, bwd {t['bwd_us']:.0f} us", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

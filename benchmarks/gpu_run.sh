@@ -5,10 +5,10 @@
 #            `git archive <commit> -o build/baseline.tar` and carried to the machine) is unpacked and
 #            built in the background while this tree builds; then cuda_quickcheck.py --timing-only
 #            runs baseline, this tree, baseline, this tree, and a table compares the medians (AB_SHAPES,
-#            e.g. "8x1536x2048x2,8x1536x2048x16", times those bf16 shapes instead of the anchors; envab
-#            too, unless ENVAB_SHAPES names its own). AB_VARIANTS (space-separated tars of further
-#            trees, e.g. one per part of a change) builds and times those too, in the same rounds, each
-#            with its own table against the baseline
+#            e.g. "8x1536x2048x2,8x1536x2048x64:fp32", times those shapes, bf16 unless a shape names its
+#            dtype, instead of the anchors; envab too, unless ENVAB_SHAPES names its own). AB_VARIANTS
+#            (space-separated tars of further trees, e.g. one per part of a change) builds and times
+#            those too, in the same rounds, each with its own table against the baseline
 #   envab  - same-run timing of this tree without and with the run-time switches in ENV_AB (e.g.
 #            ENV_AB="SELECTIVE_SCAN_FWD_REGS=128"): cuda_quickcheck.py --timing-only runs without,
 #            with, without, with, and a table compares the medians

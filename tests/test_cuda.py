@@ -337,17 +337,16 @@ def test_fixed_layouts(monkeypatch, pieces, dtype, dstate, seqlen):
     check_backward(kw, "cuda", dtype)
 
 
-
 @pytest.mark.parametrize("pieces", ["1", "auto"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("forms", [("var", "var"), ("const", "group")], ids=["var_var", "const_group"])
 @pytest.mark.parametrize("z", [True, False], ids=["z", "no_z"])
 def test_backward_rows_loaded_ahead(monkeypatch, pieces, dtype, forms, z):
-    """The backward at 16 threads per channel (dstate 33-64) loads the next chunk's rows of u,
-    delta, dout and z into registers during the previous chunk's stores (aligned rows, every
-    chunk but the first walked): with and without z, both-variable and time-invariant B, one
-    pass and pieces of the sequence split (each piece's first chunk walked loads when staged),
-    a partial last chunk; against float64."""
+    """The backward at 16 threads per channel (dstate 33-64) with 16-bit inputs loads the next
+    chunk's rows of u, delta, dout and z into registers during the previous chunk's stores (aligned
+    rows, every chunk but the first walked; fp32 stages them without): with and without z,
+    both-variable and time-invariant B, one pass and pieces of the sequence split (each piece's
+    first chunk walked loads when staged), a partial last chunk; against float64."""
     if pieces == "auto":
         monkeypatch.delenv("SELECTIVE_SCAN_SEQ_SPLITS", raising=False)
     else:
@@ -359,6 +358,7 @@ def test_backward_rows_loaded_ahead(monkeypatch, pieces, dtype, forms, z):
         assert kw[name].data_ptr() % 16 == 0 and (kw[name].stride(-2) * kw[name].element_size()) % 16 == 0
     check_forward(kw, "cuda", dtype)
     check_backward(kw, "cuda", dtype)
+
 
 SMALL_DSTATE_LAYOUTS = {
     # 80 rows, three chunks (no sequence split): the forward pads to four threads per channel of

@@ -167,13 +167,14 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
                           (!kOutF32 || (ck_row % 2 == 0 && reinterpret_cast<uintptr_t>(bp.checkpoints) % 8 == 0));
   float delta_sum = 0.f;  // adjoint-only pass: sum of the piece's delta (after bias and softplus)
 
-  // Loads ahead (the full pass at 16 threads per channel, all four rows 16-byte aligned): chunk
-  // k - 1's segments are issued into those registers once chunk k's reverse phase is done, so that
-  // their latency overlaps chunk k's du / ddelta stores, and the staging of chunk k - 1 converts
-  // them. Only whole chunks, by 16-byte loads only, as in the forward (item 25): every chunk but
-  // the first walked, which may be partial and loads when staged. At 4 and 8 threads per channel
-  // the same made the backward 2.4-4.3% slower, at 16 2.1% faster (docs/design.md, item 59).
-  constexpr bool kRowsAhead = kWarpSums && !kAdjointOnly && kTPC >= 16;
+  // Loads ahead (the full pass at 16 threads per channel with 16-bit inputs, all four rows 16-byte
+  // aligned): chunk k - 1's segments are issued into those registers once chunk k's reverse phase
+  // is done, so that their latency overlaps chunk k's du / ddelta stores, and the staging of chunk
+  // k - 1 converts them. Only whole chunks, by 16-byte loads only, as in the forward (item 25):
+  // every chunk but the first walked, which may be partial and loads when staged. At 4 and 8
+  // threads per channel the same made the backward 2.4-4.3% slower, at 16 2.1% faster
+  // (docs/design.md, item 59), but not in fp32, whose segments take twice the registers (item 61).
+  constexpr bool kRowsAhead = kWarpSums && !kAdjointOnly && kTPC >= 16 && sizeof(input_t) < 4;
   const bool rows_ahead = kRowsAhead && f.u_aligned && f.delta_aligned && f.dout_aligned &&
                           (z_base == nullptr || f.z_aligned);
   // This thread's segments v = tid and tid + threads of the next chunk's u, delta, dout and z.
