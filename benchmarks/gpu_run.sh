@@ -19,6 +19,9 @@
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
 #   breakdown - benchmarks/op_breakdown.py: one forward and one backward split by device kernel at
 #            BREAKDOWN_SHAPES (default "8x1536x2048x16,8x1536x2048x64", bf16; JSON to $OUT)
+#   host   - benchmarks/host_cost.py: host time per call of short problems, eager and as a CUDA graph
+#            (HOST_SHAPES, e.g. "8x1536x128x16,1x64x128x16", instead of the script's; JSON to $OUT), for
+#            this tree and, when the ab stage ran before it, the baseline
 #   sanitize - compute-sanitizer memcheck and racecheck on small forwards + backwards (SANITIZE_SHAPES)
 #   profile - Nsight Compute (ncu, full set) on the first PROFILE_COUNT (default 2) kernels matching
 #            PROFILE_KERNELS (default "scan_(fwd|bwd)_kernel") at PROFILE_SHAPE (default
@@ -129,6 +132,13 @@ for stage in "${stages[@]}"; do
     breakdown)
       python3 benchmarks/op_breakdown.py --device cuda --shapes "${BREAKDOWN_SHAPES:-8x1536x2048x16,8x1536x2048x64}" \
         --out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log"; rc=$((rc | PIPESTATUS[0])) ;;
+    host)
+      if [[ " ${stages[*]} " == *" ab "* ]]; then
+        PYTHONPATH="$AB_DIR/python" python3 benchmarks/host_cost.py ${HOST_SHAPES:+--shapes $HOST_SHAPES} \
+          --out "$OUT/host_base.json" 2>&1 | sed 's/^/baseline: /' | tee "$OUT/host.log"; rc=$((rc | PIPESTATUS[0]))
+      fi
+      python3 benchmarks/host_cost.py ${HOST_SHAPES:+--shapes $HOST_SHAPES} --out "$OUT/host_new.json" 2>&1 \
+        | tee -a "$OUT/host.log"; rc=$((rc | PIPESTATUS[0])) ;;
     sanitize)
       # SANITIZE_SHAPES: "batch,dim,seqlen,dstate[,fp32]" entries (bf16 unless fp32; few rows: they
       # take the sequence split).

@@ -368,13 +368,13 @@ struct BwdDests {
   bool add_bias;        // add to ddelta_bias instead of writing it
 };
 
-// The sum over the leading (slot) dimension of the fp32 buffer `partial` into `grad` (a gradient, or
-// a state slice's columns of one: rows of contiguous elements at one stride; its element order is
-// that of a slot of `partial`), for sum_partial_slots_cuda.
-SlotSum slot_sum(const Tensor& partial, const Tensor& grad, bool accumulate) {
+// The sum over the `slots` slices of the fp32 partial buffer at `src` (`floats` in all) into
+// `grad` (a gradient, or a state slice's columns of one: rows of contiguous elements at one
+// stride; its element order is that of a slice), for sum_partial_slots_cuda.
+SlotSum slot_sum(const float* src, int64_t slots, int64_t floats, const Tensor& grad, bool accumulate) {
   SlotSum w;
-  w.src = partial.data_ptr<float>();
-  w.slots = partial.size(0);
+  w.src = src;
+  w.slots = slots;
   w.dst = grad.data_ptr();
   w.dst_type = kind_of(grad.scalar_type());
   w.accumulate = accumulate;
@@ -389,7 +389,7 @@ SlotSum slot_sum(const Tensor& partial, const Tensor& grad, bool accumulate) {
       rows *= grad.size(d);
     }
   }
-  TORCH_CHECK(partial.numel() == w.slots * rows * inner, "selective_scan: internal error, partial buffer size");
+  TORCH_CHECK(floats == w.slots * rows * inner, "selective_scan: internal error, partial buffer size");
   w.rows = rows;
   w.inner = inner;
   w.row_stride = row_stride;
@@ -398,35 +398,51 @@ SlotSum slot_sum(const Tensor& partial, const Tensor& grad, bool accumulate) {
 
 // Runs the CUDA backward of `b` and reduces its partial sums (fixed slots, summed in a fixed order:
 // the backward is deterministic) into `dests`, in one launch (sum_partial_slots_cuda). A sequence
-// split into `pieces` gives the per-row partials one batch block of rows per piece. false, with
-// nothing run or written, where b.fwd.out_f32 asks for a layout without an fp32-gradient build
-// (scan_bwd_cuda).
+// split into `pieces` gives the per-row partials one batch block of rows per piece. The partial
+// buffers are parts of one allocation (a short call's host time counts: docs/design.md, item 62).
+// false, with nothing run or written, where b.fwd.out_f32 asks for a layout without an
+// fp32-gradient build (scan_bwd_cuda).
 bool scan_bwd_cuda_reduce(const ScanBwdParams& b, const at::TensorOptions& opts, BwdDests& dests,
                           cudaStream_t stream) {
   const ScanParams& q = b.fwd;
-  auto f32 = opts.dtype(at::kFloat);
-  const int64_t pieces = scan_bwd_cuda_seq_splits(q);
+  const ScanBwdPartialShape shape = scan_bwd_cuda_partial_shape(q);
+  const int64_t pieces = shape.seq_splits;
   const int64_t partial_rows = pieces * q.batch;
-  auto bc_partial = [&](const BCParams& bc) {
-    return bc.is_variable
-               ? at::empty({scan_bwd_cuda_partial_slots(q, bc), q.batch, bc.n_groups, q.dstate, q.seqlen}, f32)
-               : at::empty({partial_rows, q.dim, q.dstate}, f32);
+  // slices and floats of each buffer: dB, dC (variable: (slots, batch, n_groups, dstate, seqlen);
+  // time-invariant: (partial_rows, dim, dstate)), dA, dD, d(bias), the pieces' adjoints
+  enum { kB, kC, kA, kD, kBias, kAdjoints, kBuffers };
+  int64_t slots[kBuffers], floats[kBuffers];
+  auto bc_buffer = [&](const BCParams& bc, int64_t bc_slots, int i) {
+    slots[i] = bc.is_variable ? bc_slots : partial_rows;
+    floats[i] = bc.is_variable ? bc_slots * q.batch * bc.n_groups * q.dstate * q.seqlen : partial_rows * q.dim * q.dstate;
   };
-  Tensor pB = bc_partial(q.B), pC = bc_partial(q.C);
-  Tensor pA = at::empty({partial_rows, q.dim, q.dstate}, f32);
-  Tensor pD = at::empty({partial_rows, q.dim}, f32);
-  Tensor pbias = at::empty({partial_rows, q.dim}, f32);
-  Tensor piece_adjoints = pieces > 1 ? at::empty({2, pieces, q.batch, q.dim, q.dstate}, f32) : at::empty({0}, f32);
-  ScanBwdPartials parts{pB.data_ptr<float>(), pC.data_ptr<float>(), pA.data_ptr<float>(),
-                        pD.data_ptr<float>(), pbias.data_ptr<float>(),
-                        pieces > 1 ? piece_adjoints.data_ptr<float>() : nullptr};
+  bc_buffer(q.B, shape.B_slots, kB);
+  bc_buffer(q.C, shape.C_slots, kC);
+  slots[kA] = slots[kD] = slots[kBias] = partial_rows;
+  floats[kA] = partial_rows * q.dim * q.dstate;
+  floats[kD] = floats[kBias] = partial_rows * q.dim;
+  slots[kAdjoints] = 0;
+  floats[kAdjoints] = pieces > 1 ? 2 * pieces * q.batch * q.dim * q.dstate : 0;
+  // each buffer starts 256-byte aligned (the kernels access them 16 bytes at a time)
+  int64_t offsets[kBuffers], total = 0;
+  for (int i = 0; i < kBuffers; ++i) {
+    offsets[i] = total;
+    total += (floats[i] + 63) / 64 * 64;
+  }
+  Tensor buffer = at::empty({total}, opts.dtype(at::kFloat));
+  float* base = buffer.data_ptr<float>();
+  ScanBwdPartials parts{base + offsets[kB], base + offsets[kC], base + offsets[kA], base + offsets[kD],
+                        base + offsets[kBias], pieces > 1 ? base + offsets[kAdjoints] : nullptr};
   if (!scan_bwd_cuda(b, parts, stream)) return false;
   // dB / dC: variable (batch, n_groups, dstate, seqlen) in the element order of B's (batch, dstate,
   // seqlen) or (batch, n_groups, dstate, seqlen); time-invariant (dim, dstate).
-  SlotSum sums[kMaxSlotSums] = {slot_sum(pA, dests.dA, false), slot_sum(pB, dests.dB, false),
-                                slot_sum(pC, dests.dC, false), slot_sum(pbias, dests.ddelta_bias, dests.add_bias)};
+  auto sum_of = [&](int i, const Tensor& grad, bool accumulate) {
+    return slot_sum(base + offsets[i], slots[i], floats[i], grad, accumulate);
+  };
+  SlotSum sums[kMaxSlotSums] = {sum_of(kA, dests.dA, false), sum_of(kB, dests.dB, false),
+                                sum_of(kC, dests.dC, false), sum_of(kBias, dests.ddelta_bias, dests.add_bias)};
   int count = 4;
-  if (dests.dD) sums[count++] = slot_sum(pD, *dests.dD, false);
+  if (dests.dD) sums[count++] = sum_of(kD, *dests.dD, false);
   sum_partial_slots_cuda(sums, count, stream);
   return true;
 }

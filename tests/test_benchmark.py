@@ -79,6 +79,24 @@ def test_op_breakdown(device, tmp_path, capsys):
     assert data["machine"]["device"] == device and len(data["tables"]) == 2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_host_cost(device, tmp_path, capsys):
+    """benchmarks/host_cost.py times every case it names (a CUDA-graph replay on CUDA only) and
+    writes them with the machine header."""
+    script = _load_script("host_cost")
+    out = tmp_path / "host.json"
+    records = script.main(["--device", device, "--shapes", "1x8x70x4,2x4x9x2", "--dtype", "fp32", "--calls", "3",
+                           "--rounds", "2", "--out", str(out)])
+    assert "host time per call" in capsys.readouterr().out
+    cases = ["op fwd", "op bwd", "autograd fwd", "autograd bwd", "no-work Function fwd",
+             "no-work Function bwd", "autograd fwd+bwd"] + (["CUDA graph fwd+bwd"] if device == "cuda" else [])
+    assert [(r["shape"], r["case"]) for r in records] == [(s, c) for s in ("1x8x70x4", "2x4x9x2") for c in cases]
+    for r in records:
+        assert 0 < r["host_min_us"] <= r["host_us"] <= r["host_max_us"] and r["wall_us"] > 0
+    data = json.loads(out.read_text())
+    assert data["machine"]["device"] == device and data["records"] == records
+
+
 def test_op_breakdown_rejects_bad_arguments():
     script = _load_script("op_breakdown")
     with pytest.raises(SystemExit, match="BATCHxDIMxSEQLENxDSTATE"):

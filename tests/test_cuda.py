@@ -170,6 +170,47 @@ def test_runs_on_current_stream():
         assert torch.equal(got[2][name], expected[2][name]), name
 
 
+@pytest.mark.parametrize("case", ["bf16", "fp32-split", "fp32-slices"])
+def test_cuda_graph_capture(case):
+    """Forward and backward captured in a CUDA graph (how a training step avoids the host time of
+    short calls: docs/design.md, item 62) and replayed on new input values give the same bits as
+    eager calls on those values: nothing the op passes to its kernels is fixed at capture but the
+    buffers. Cases: one pass in bf16; few rows, whose sequence split adds passes and combines; dstate
+    128, which runs in state slices with copies and sums between them."""
+    shape = {"bf16": dict(dtype=torch.bfloat16, batch=2, dim=64, seqlen=300, dstate=16),
+             "fp32-split": dict(batch=1, dim=32, seqlen=1000, dstate=16, initial_state=True),
+             "fp32-slices": dict(batch=2, dim=16, seqlen=200, dstate=128, B_form="group", C_form="var")}[case]
+    kw = make_inputs(device="cuda", seed=120, **shape)
+    dout, dlast = upstream_grads(kw)
+    static = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    step = lambda: grads_of(lambda k: run_op(k, True), static, dout, dlast)
+    side = torch.cuda.Stream()  # warm-up before capture, on a side stream (torch.cuda.graphs)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (121, 122):
+        fresh = make_inputs(device="cuda", seed=seed, **shape)
+        fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in fresh.items()}
+        fresh_dout, fresh_dlast = upstream_grads(fresh, seed=seed)
+        for k, v in fresh.items():
+            if isinstance(v, torch.Tensor):
+                static[k].copy_(v)
+        dout.copy_(fresh_dout)
+        dlast.copy_(fresh_dlast)
+        graph.replay()
+        expected = grads_of(lambda k: run_op(k, True), fresh, fresh_dout, fresh_dlast)
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], expected[0]), "out"
+        assert torch.equal(captured[1], expected[1]), "last_state"
+        for name, grad in expected[2].items():
+            assert torch.equal(captured[2][name], grad), f"d{name}"
+
+
 def test_cuda_matches_cpu_op():
     """The two implementations agree (both against float64) on a mid-size mixed case."""
     kw = make_inputs(device="cuda", batch=3, dim=48, seqlen=777, dstate=24, B_form="group",

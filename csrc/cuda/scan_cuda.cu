@@ -16,10 +16,7 @@ int next_pow2(int x) {
   return p;
 }
 
-int max_smem_per_block() {
-  static const int bytes = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
-  return bytes;
-}
+int max_smem_per_block() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 enum class Direction { kForward, kBackward };
 
@@ -76,7 +73,7 @@ int64_t seq_splits(const ScanParams& p) {
 // Blocks of the backward an SM holds at once: its kernels are held to three blocks' registers
 // (__launch_bounds__(128, 3)), fewer where their shared memory allows fewer.
 int64_t bwd_blocks_per_sm(const BlockShape& s) {
-  static const int64_t smem_per_sm = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+  const int64_t smem_per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>();
   constexpr int64_t kReservedPerBlock = 1024;  // what the runtime keeps of each block's shared memory
   return std::max<int64_t>(1, std::min<int64_t>(3, smem_per_sm / (s.smem_bytes + kReservedPerBlock)));
 }
@@ -183,13 +180,13 @@ ScanParams with_checkpoint_row(ScanParams params) {
 
 using namespace cuda_detail;
 
-int64_t scan_bwd_cuda_seq_splits(const ScanParams& params) {
-  return block_shape(params, Direction::kBackward).seq_splits;
-}
-
-int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc) {
+ScanBwdPartialShape scan_bwd_cuda_partial_shape(const ScanParams& params) {
   const BlockShape s = block_shape(params, Direction::kBackward);
-  return (s.segments / bc.n_groups) * s.blocks_per_seg;
+  ScanBwdPartialShape shape;
+  shape.seq_splits = s.seq_splits;
+  shape.B_slots = (s.segments / params.B.n_groups) * s.blocks_per_seg;
+  shape.C_slots = (s.segments / params.C.n_groups) * s.blocks_per_seg;
+  return shape;
 }
 
 bool scan_fwd_cuda(const ScanParams& params_in, cudaStream_t stream) {

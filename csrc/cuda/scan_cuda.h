@@ -12,12 +12,14 @@ namespace selective_scan {
 // slices, bindings.cpp); block_shape refuses more.
 constexpr int64_t kMaxLaunchStates = 64;
 
-// How many blocks of the backward write partial dB (or dC) slices for one group of a variable B
-// (or C): the leading size of that partial buffer.
-int64_t scan_bwd_cuda_partial_slots(const ScanParams& params, const BCParams& bc);
-
-// Into how many pieces the backward splits the sequence (1: no split); see ScanBwdPartials.
-int64_t scan_bwd_cuda_seq_splits(const ScanParams& params);
+// The shape of the backward's partial buffers for a problem (ScanBwdPartials).
+struct ScanBwdPartialShape {
+  int64_t seq_splits = 1;  // into how many pieces the backward splits the sequence (1: no split)
+  // how many blocks write partial dB (dC) slices for one group of a variable B (C): the leading
+  // size of that partial buffer
+  int64_t B_slots = 0, C_slots = 0;
+};
+ScanBwdPartialShape scan_bwd_cuda_partial_shape(const ScanParams& params);
 
 // Partial sums the backward writes; the binding reduces them (in a fixed order) into the gradients.
 struct ScanBwdPartials {
@@ -27,7 +29,7 @@ struct ScanBwdPartials {
   float* dA = nullptr;  // (batch, dim, dstate)
   float* dD = nullptr;  // (batch, dim)
   float* ddelta_bias = nullptr;  // (batch, dim)
-  // With a sequence split into P pieces (scan_bwd_cuda_seq_splits), the per-row partials above
+  // With a sequence split into P pieces (ScanBwdPartialShape::seq_splits), the per-row partials above
   // (dA, dD, ddelta_bias, time-invariant dB/dC) have P * batch leading rows, one batch block per
   // piece, and this is scratch for the pieces' adjoints: (2, P, batch, dim, dstate).
   float* piece_adjoints = nullptr;

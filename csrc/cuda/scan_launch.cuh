@@ -3,9 +3,13 @@
 // launch of one kernel instantiation, and the launch check.
 #pragma once
 
+#include <atomic>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "scan_common.cuh"
 #include "scan_cuda.h"
@@ -19,24 +23,54 @@ inline void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-// An attribute of the current device.
-inline int device_attribute(cudaDeviceAttr attr) {
-  int dev = 0, value = 0;
+// The current device.
+inline int current_device() {
+  int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&value, attr, dev), "cudaDeviceGetAttribute");
+  return dev;
+}
+
+// An attribute of the current device, read from the driver once per device and attribute (the
+// host side of a short call is part of its time: docs/design.md, item 62).
+template <cudaDeviceAttr kAttr>
+int device_attribute() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not read yet (static storage starts zeroed)
+  const int dev = current_device();
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  int value = cached ? known[dev].load(std::memory_order_relaxed) : 0;
+  if (value == 0) {
+    check_cuda(cudaDeviceGetAttribute(&value, kAttr, dev), "cudaDeviceGetAttribute");
+    if (cached) known[dev].store(value, std::memory_order_relaxed);
+  }
   return value;
 }
 
 // Streaming multiprocessors of the current device.
-inline int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount); }
+inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
-// Grants a kernel the dynamic shared memory it needs (beyond the default 48 KB).
+// The largest dynamic shared memory granted so far to each (kernel, device), and its lock.
+inline std::map<std::pair<const void*, int>, int>& smem_granted() {
+  static std::map<std::pair<const void*, int>, int> granted;
+  return granted;
+}
+inline std::mutex& smem_granted_mutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+
+// Grants a kernel the dynamic shared memory it needs beyond the default 48 KB. The attribute holds
+// for the kernel's later launches on the device, so it is set once per kernel, device and larger
+// size, not at every launch.
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
-  if (bytes > 48 * 1024) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
-               "cudaFuncSetAttribute");
-  }
+  if (bytes <= 48 * 1024) return;
+  const std::lock_guard<std::mutex> lock(smem_granted_mutex());
+  int& most = smem_granted()[{reinterpret_cast<const void*>(kernel), current_device()}];
+  if (bytes <= most) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+             "cudaFuncSetAttribute");
+  most = bytes;
 }
 
 // Calls f(std::integral_constant<int, spt>{}) for the states-per-thread values the kernels are
