@@ -14,7 +14,8 @@
 #            with, without, with, and a table compares the medians
 #   quick  - benchmarks/cuda_quickcheck.py (accuracy grid + anchor timings, per states-per-thread choice;
 #            QUICK_SPT lists the choices, default "auto 4")
-#   tests  - the CUDA tests (pytest -m cuda; CUDA_TESTS narrows them, e.g. tests/test_state_update.py)
+#   tests  - the CUDA tests (pytest -m cuda; CUDA_TESTS narrows them, e.g. tests/test_state_update.py;
+#            tests/test_multi_gpu.py runs on a machine with two GPUs only)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
 #   breakdown - benchmarks/op_breakdown.py: one forward and one backward split by device kernel at
