@@ -18,6 +18,8 @@
 #            tests/test_multi_gpu.py runs on a machine with two GPUs only)
 #   bench  - benchmarks/bench_scan.py on the GPU (JSON to $OUT)
 #   decode - benchmarks/bench_decode.py on the GPU (JSON to $OUT)
+#   generate - benchmarks/bench_generate.py on the GPU: the language model's time per token, eager and
+#            with the decode step as a CUDA graph (JSON to $OUT)
 #   breakdown - benchmarks/op_breakdown.py: one forward and one backward split by device kernel at
 #            BREAKDOWN_SHAPES (default "8x1536x2048x16,8x1536x2048x64", bf16; JSON to $OUT)
 #   host   - benchmarks/host_cost.py: host time per call of short problems, eager and as a CUDA graph
@@ -130,6 +132,9 @@ for stage in "${stages[@]}"; do
       python3 benchmarks/bench_scan.py --device cuda --out "$OUT/bench_h200.json" 2>&1 | tee "$OUT/bench.log" || rc=1 ;;
     decode)
       python3 benchmarks/bench_decode.py --device cuda --out "$OUT/decode_h200.json" 2>&1 | tee "$OUT/decode.log" || rc=1 ;;
+    generate)
+      python3 benchmarks/bench_generate.py --device cuda --out "$OUT/generate_h200.json" 2>&1 | tee "$OUT/generate.log" \
+        || rc=1 ;;
     breakdown)
       python3 benchmarks/op_breakdown.py --device cuda --shapes "${BREAKDOWN_SHAPES:-8x1536x2048x16,8x1536x2048x64}" \
         --out "$OUT/breakdown.json" 2>&1 | tee "$OUT/breakdown.log"; rc=$((rc | PIPESTATUS[0])) ;;

@@ -97,6 +97,23 @@ def test_host_cost(device, tmp_path, capsys):
     assert data["machine"]["device"] == device and data["records"] == records
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_benchmark(device, tmp_path, capsys):
+    """benchmarks/bench_generate.py times eager generation (and the CUDA-graph one on CUDA) per
+    batch and writes the records with the machine header."""
+    script = _load_script("bench_generate")
+    out = tmp_path / "generate.json"
+    records = script.main(["--device", device, "--small", "--batches", "1,2", "--tokens", "4", "--reps", "1",
+                           "--out", str(out)])
+    assert "per token" in capsys.readouterr().out
+    modes = ["eager"] + (["cuda_graph"] if device == "cuda" else [])
+    assert [(r["batch"], r["mode"]) for r in records] == [(b, m) for b in (1, 2) for m in modes]
+    for r in records:
+        assert r["first_token_ms"] > 0 and r["tokens"] == 4
+    data = json.loads(out.read_text())
+    assert data["machine"]["device"] == device and data["records"] == records
+
+
 def test_op_breakdown_rejects_bad_arguments():
     script = _load_script("op_breakdown")
     with pytest.raises(SystemExit, match="BATCHxDIMxSEQLENxDSTATE"):

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from selective_scan import selective_scan, selective_scan_ref, selective_state_update
-from selective_scan.nn import InferenceParams, Mamba, MambaConfig, MambaLMHeadModel, causal_conv1d_step, sample_logits
+from selective_scan.nn import (DecodeStepGraph, InferenceParams, Mamba, MambaConfig, MambaLMHeadModel, causal_conv1d_step,
+                               sample_logits)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])]
@@ -171,3 +172,54 @@ def test_generate_sampling_is_reproducible_and_stops_at_eos():
     assert (out[0, 7:] == eos).all()
     if (greedy[1, 4:] != eos).all():  # row 1 never emits eos: it runs to max_new_tokens
         assert out.shape == (2, 14) and torch.equal(out[1], greedy[1])
+
+
+@pytest.mark.cuda
+@CUDA
+def test_generation_with_cuda_graph_equals_eager():
+    """cuda_graph=True replays one captured decode step per token: the same tokens as the eager
+    steps, greedy and sampled with the same generator, for a batch and for prompts of different
+    lengths, with the logits of the same kernels; the cache ends where the eager one does."""
+    model = small_lm(seed=9).cuda().eval()
+    ids = torch.randint(0, 61, (3, 7), generator=torch.Generator().manual_seed(9)).cuda()
+    out, logits = model.generate(ids, 20, temperature=0, output_logits=True, cuda_graph=True)
+    ref, ref_logits = model.generate(ids, 20, temperature=0, output_logits=True)
+    assert torch.equal(out, ref) and len(set(out[:, 7:].flatten().tolist())) > 3
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(logits[:, 1], logits[:, 2])  # each step's logits kept, not the last buffer
+    g1, g2 = (torch.Generator(device="cuda").manual_seed(5) for _ in range(2))
+    sampled = model.generate(ids, 12, temperature=1.0, top_k=10, generator=g1, cuda_graph=True)
+    assert torch.equal(sampled, model.generate(ids, 12, temperature=1.0, top_k=10, generator=g2))
+    prompts = [torch.randint(0, 61, (n,), generator=torch.Generator().manual_seed(n)).cuda() for n in (5, 1, 9)]
+    got = model.generate(prompts, 8, temperature=0, cuda_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, model.generate(prompts, 8, temperature=0)))
+    # the captured step advances the caller's cache in place, as the eager step does
+    params = {}
+    with torch.no_grad():
+        for graph in (False, True):
+            p = InferenceParams(max_seqlen=32, max_batch_size=3)
+            model(ids, inference_params=p)
+            p.seqlen_offset = ids.shape[1]
+            step = ids[:, -1:]
+            if graph:
+                g = DecodeStepGraph(model, p, step)
+                for _ in range(3):
+                    g.step(step)
+            else:
+                for _ in range(3):
+                    model(step, inference_params=p, num_last_tokens=1)
+            params[graph] = p
+    for layer, (conv, ssm) in params[False].key_value_memory_dict.items():
+        conv_g, ssm_g = params[True].key_value_memory_dict[layer]
+        torch.testing.assert_close(conv_g, conv, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ssm_g, ssm, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_generation_needs_the_cache_on_a_cuda_device():
+    model = small_lm(seed=10).eval()
+    ids = torch.randint(0, 61, (2, 4))
+    with pytest.raises(ValueError, match=r"cuda_graph: expected use_cache=True and input_ids on a CUDA device, "
+                                         r"got use_cache=True and device cpu"):
+        model.generate(ids, 2, cuda_graph=True)
+    with pytest.raises(ValueError, match=r"got use_cache=False"):
+        model.generate([ids[0], ids[1]], 2, cuda_graph=True, use_cache=False)

@@ -5,10 +5,11 @@ from .block import Block, RMSNorm
 from .cache import InferenceParams
 from .hf import from_hf_state_dict, load_hf_mamba_state_dict, mamba_config_from_hf
 from .mamba import Mamba, dt_bias_init
-from .model import CausalLMOutput, MambaConfig, MambaLMHeadModel, MixerModel, create_block, sample_logits
+from .model import (CausalLMOutput, DecodeStepGraph, MambaConfig, MambaLMHeadModel, MixerModel, create_block,
+                    sample_logits)
 from .scan import SelectiveScan, causal_conv1d_step, causal_conv1d_varlen, last_inputs_varlen
 
 __all__ = ["SelectiveScan", "causal_conv1d_step", "causal_conv1d_varlen", "last_inputs_varlen", "Mamba",
            "dt_bias_init", "Block", "RMSNorm", "InferenceParams", "MambaConfig", "MixerModel", "MambaLMHeadModel", "CausalLMOutput",
-           "create_block", "sample_logits", "load_hf_mamba_state_dict", "from_hf_state_dict",
+           "DecodeStepGraph", "create_block", "sample_logits", "load_hf_mamba_state_dict", "from_hf_state_dict",
            "mamba_config_from_hf"]

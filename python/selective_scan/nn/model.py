@@ -151,6 +151,39 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+class DecodeStepGraph:
+    """One decode step of a model (one token per cache row through every layer's fused step, to the
+    last position's logits) captured in a CUDA graph over the cache of `params`: step(tokens)
+    copies the tokens (rows, 1) into the graph's input and replays it, which advances the cache in
+    place as the eager step does and leaves the logits (rows, padded vocab) in the graph's output
+    buffer, overwritten by the next step. Replaying skips the host's per-kernel launch work, which
+    bounds a small batch's eager step (docs/modules.md, "Generation and the decode step")."""
+
+    def __init__(self, model: nn.Module, params: InferenceParams, tokens: torch.Tensor):
+        device = tokens.device
+        self.tokens = tokens.clone()
+        states = [t for pair in params.key_value_memory_dict.values() for t in pair]
+        saved = [t.clone() for t in states]
+        # The warm-up that capture needs (on a side stream, torch.cuda.graphs) runs the step, which
+        # advances the cache: it is put back before the capture, which runs nothing.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(self.tokens, inference_params=params, num_last_tokens=1)
+        torch.cuda.current_stream(device).wait_stream(side)
+        for state, copy in zip(states, saved):
+            state.copy_(copy)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.tokens, inference_params=params, num_last_tokens=1).logits[:, -1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
+
+
 class MambaLMHeadModel(nn.Module):
     """backbone (MixerModel) and lm_head (tied to backbone.embedding when config.tie_embeddings), the
     vocabulary padded to a multiple of config.pad_vocab_size_multiple.
@@ -192,7 +225,7 @@ class MambaLMHeadModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 0.0, eos_token_id: Optional[int] = None, *,
                  use_cache: bool = True, generator: Optional[torch.Generator] = None,
-                 output_logits: bool = False):
+                 output_logits: bool = False, cuda_graph: bool = False):
         """Extend input_ids (batch, prompt_len) by up to max_new_tokens tokens; input_ids may also be a
         list of prompts (1-D, any lengths >= 1), prefilled together as packed sequences (cu_seqlens)
         and returned as a list of 1-D tensors (prompt + generated).
@@ -203,10 +236,22 @@ class MambaLMHeadModel(nn.Module):
         temperature == 0 or top_k == 1. A sequence that emits eos_token_id keeps emitting it; the
         loop ends early once all have. Returns the ids (batch, prompt_len + generated), and with
         output_logits also the logits of each generated position (batch, generated, vocab_size).
+        cuda_graph (CUDA, with the cache, not under autocast) captures the decode step once after
+        the prefill and replays it for every further token (DecodeStepGraph): the same tokens
+        and logits, without the host's launch work per kernel.
         """
+        if cuda_graph:
+            device = (input_ids[0] if isinstance(input_ids, (list, tuple)) and input_ids else input_ids).device
+            if not use_cache or device.type != "cuda":
+                raise ValueError(f"cuda_graph: expected use_cache=True and input_ids on a CUDA device, got "
+                                 f"use_cache={use_cache} and device {device}")
+            if torch.is_autocast_enabled("cuda"):
+                raise ValueError("cuda_graph: expected no autocast (a captured step would keep autocast's cast "
+                                 "weights); convert the model instead, e.g. model.to(torch.bfloat16)")
         if isinstance(input_ids, (list, tuple)):
             return self._generate_prompts(list(input_ids), max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                          use_cache=use_cache, generator=generator, output_logits=output_logits)
+                                          use_cache=use_cache, generator=generator, output_logits=output_logits,
+                                          cuda_graph=cuda_graph)
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids: expected shape (batch, prompt_len >= 1), got {tuple(input_ids.shape)}")
         batch, prompt_len = input_ids.shape
@@ -216,9 +261,16 @@ class MambaLMHeadModel(nn.Module):
         step_input = input_ids
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         all_logits = []
+        graph = None
         for _ in range(max_new_tokens):
             if use_cache:
-                logits = self(step_input, inference_params=params, num_last_tokens=1).logits[:, -1]
+                if cuda_graph and params.seqlen_offset > 0:
+                    if graph is None:
+                        graph = DecodeStepGraph(self, params, step_input)
+                    logits = graph.step(step_input)
+                    logits = logits.clone() if output_logits else logits  # (kept: the next step overwrites it)
+                else:
+                    logits = self(step_input, inference_params=params, num_last_tokens=1).logits[:, -1]
                 params.seqlen_offset += step_input.shape[1]
             else:
                 logits = self(ids, num_last_tokens=1).logits[:, -1]
@@ -246,7 +298,7 @@ class MambaLMHeadModel(nn.Module):
         return token
 
     def _generate_prompts(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_token_id, *, use_cache,
-                          generator, output_logits):
+                          generator, output_logits, cuda_graph=False):
         """generate() for a list of prompts of any lengths: with the cache, one packed prefill
         (cu_seqlens) fills one cache row per prompt, then every token is one fused step for all;
         without it, every sequence is re-run whole at every step (the reference). Both sample all
@@ -270,6 +322,7 @@ class MambaLMHeadModel(nn.Module):
         last = torch.tensor(offsets[1:], device=device) - 1
         finished = torch.zeros(num, dtype=torch.bool, device=device)
         tokens, all_logits = [], []
+        graph = None
         for step in range(max_new_tokens):
             if not use_cache:  # every sequence re-run whole, alone
                 logits = torch.cat([self(torch.cat([p] + [t[i:i + 1] for t in tokens])[None],
@@ -277,6 +330,12 @@ class MambaLMHeadModel(nn.Module):
             elif step == 0:
                 logits = self(packed, inference_params=params, cu_seqlens=cu_seqlens).logits[0, last]
                 params.seqlen_offset += max(lengths)
+            elif cuda_graph:
+                if graph is None:
+                    graph = DecodeStepGraph(self, params, tokens[-1][:, None])
+                logits = graph.step(tokens[-1][:, None])
+                logits = logits.clone() if output_logits else logits  # (kept: the next step overwrites it)
+                params.seqlen_offset += 1
             else:
                 logits = self(tokens[-1][:, None], inference_params=params, num_last_tokens=1).logits[:, -1]
                 params.seqlen_offset += 1
@@ -303,4 +362,5 @@ class MambaLMHeadModel(nn.Module):
         return model
 
 
-__all__ = ["MambaConfig", "MixerModel", "MambaLMHeadModel", "CausalLMOutput", "create_block", "sample_logits"]
+__all__ = ["MambaConfig", "MixerModel", "MambaLMHeadModel", "CausalLMOutput", "DecodeStepGraph", "create_block",
+           "sample_logits"]
