@@ -163,6 +163,25 @@ class Mixer(torch.nn.Module):
         return self.lin(h)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_against_float64(device, dtype):
+    """RMSNorm computes in fp32 and rounds once to x's dtype: against the float64 formula, fp32 to a
+    few ulps, bf16 to within one bf16 rounding."""
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 3, 768, generator=g) * 3).to(dtype)
+    weight = (1 + 0.2 * torch.randn(768, generator=g)).to(dtype)
+    norm = RMSNorm(768, eps=1e-5).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    out = norm(x.to(device))
+    assert out.dtype == dtype and out.shape == x.shape
+    xd = x.double()
+    ref = xd / torch.sqrt((xd ** 2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    err = ((out.cpu().double() - ref).abs() / ref.abs().clamp_min(1e-3)).max().item()
+    assert err <= (1e-6 if dtype == torch.float32 else 2 ** -8), err
+
+
 def test_rms_norm_and_block():
     g = torch.Generator().manual_seed(5)
     norm = RMSNorm(8, eps=1e-5)
