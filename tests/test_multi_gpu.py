@@ -7,6 +7,7 @@ import torch
 
 from scan_utils import check_backward, check_forward, grads_of, make_inputs, run_op, upstream_grads
 from selective_scan import selective_scan, selective_state_update, selective_state_update_ref
+from selective_scan.nn import MambaConfig, MambaLMHeadModel
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
@@ -88,3 +89,19 @@ def test_state_update_on_second_gpu():
                                      compute_dtype=torch.float64)
     torch.testing.assert_close(results[1][0].cpu().double(), ref.double(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(results[1][1].cpu().double(), ref_state, rtol=2e-5, atol=2e-5)
+
+
+def test_generation_on_second_gpu():
+    """The language model on the second GPU generates there, eagerly and with the decode step as a
+    CUDA graph (captured on the model's GPU), the same tokens as on the first."""
+    torch.manual_seed(133)
+    model = MambaLMHeadModel(MambaConfig(d_model=32, n_layer=2, vocab_size=61, ssm_cfg=dict(d_state=8))).eval()
+    ids = torch.randint(0, 61, (2, 6), generator=torch.Generator().manual_seed(133))
+    with torch.cuda.device(0):
+        first = model.to("cuda:0").generate(ids.to("cuda:0"), 10, temperature=0)
+        model.to("cuda:1")
+        eager = model.generate(ids.to("cuda:1"), 10, temperature=0)
+        graph = model.generate(ids.to("cuda:1"), 10, temperature=0, cuda_graph=True)
+    assert eager.device == graph.device == torch.device("cuda:1")
+    _assert_same_bits(first, eager)
+    _assert_same_bits(first, graph)

@@ -160,27 +160,30 @@ class DecodeStepGraph:
     bounds a small batch's eager step (docs/modules.md, "Generation and the decode step")."""
 
     def __init__(self, model: nn.Module, params: InferenceParams, tokens: torch.Tensor):
-        device = tokens.device
+        self.device = tokens.device
         self.tokens = tokens.clone()
         states = [t for pair in params.key_value_memory_dict.values() for t in pair]
         saved = [t.clone() for t in states]
-        # The warm-up that capture needs (on a side stream, torch.cuda.graphs) runs the step, which
-        # advances the cache: it is put back before the capture, which runs nothing.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(self.tokens, inference_params=params, num_last_tokens=1)
-        torch.cuda.current_stream(device).wait_stream(side)
-        for state, copy in zip(states, saved):
-            state.copy_(copy)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.tokens, inference_params=params, num_last_tokens=1).logits[:, -1]
+        # Captured with the model's GPU current (the capture stream is the current device's).
+        with torch.cuda.device(self.device):
+            # The warm-up that capture needs (on a side stream, torch.cuda.graphs) runs the step,
+            # which advances the cache: it is put back before the capture, which runs nothing.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model(self.tokens, inference_params=params, num_last_tokens=1)
+            torch.cuda.current_stream().wait_stream(side)
+            for state, copy in zip(states, saved):
+                state.copy_(copy)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model(self.tokens, inference_params=params, num_last_tokens=1).logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.tokens.copy_(tokens)
+            self.graph.replay()
         return self.logits
 
 
