@@ -164,7 +164,7 @@ class DecodeStepGraph:
         self.tokens = tokens.clone()
         states = [t for pair in params.key_value_memory_dict.values() for t in pair]
         saved = [t.clone() for t in states]
-        # Captured with the model's GPU current (the capture stream is the current device's).
+        # Captured with the model's GPU current.
         with torch.cuda.device(self.device):
             # The warm-up that capture needs (on a side stream, torch.cuda.graphs) runs the step,
             # which advances the cache: it is put back before the capture, which runs nothing.
@@ -176,8 +176,10 @@ class DecodeStepGraph:
             torch.cuda.current_stream().wait_stream(side)
             for state, copy in zip(states, saved):
                 state.copy_(copy)
+            # A capture stream of this device: torch.cuda.graph's default one is made once, on the
+            # device current at its first use, and a capture on another device would record nothing.
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
                 self.logits = model(self.tokens, inference_params=params, num_last_tokens=1).logits[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
