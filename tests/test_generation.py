@@ -223,3 +223,5 @@ def test_cuda_graph_generation_needs_the_cache_on_a_cuda_device():
         model.generate(ids, 2, cuda_graph=True)
     with pytest.raises(ValueError, match=r"got use_cache=False"):
         model.generate([ids[0], ids[1]], 2, cuda_graph=True, use_cache=False)
+    with pytest.raises(ValueError, match=r"input_ids: expected at least one prompt, got an empty list"):
+        model.generate([], 2, cuda_graph=True)

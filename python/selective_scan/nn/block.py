@@ -19,8 +19,9 @@ class RMSNorm(nn.Module):
         self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's rms_norm: one kernel where torch fuses it (the decode step runs 2 * n_layer + 1
-        # norms per token, each kernel of which a small batch pays for)
+        # torch's rms_norm, fused where torch fuses it, in place of the formula written out in
+        # element-wise operations: the decode step runs n_layer + 1 norms per token, and a small
+        # batch pays for each of their kernels (docs/modules.md, "CUDA graphs")
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:

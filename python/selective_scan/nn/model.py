@@ -246,13 +246,7 @@ class MambaLMHeadModel(nn.Module):
         and logits, without the host's launch work per kernel.
         """
         if cuda_graph:
-            device = (input_ids[0] if isinstance(input_ids, (list, tuple)) and input_ids else input_ids).device
-            if not use_cache or device.type != "cuda":
-                raise ValueError(f"cuda_graph: expected use_cache=True and input_ids on a CUDA device, got "
-                                 f"use_cache={use_cache} and device {device}")
-            if torch.is_autocast_enabled("cuda"):
-                raise ValueError("cuda_graph: expected no autocast (a captured step would keep autocast's cast "
-                                 "weights); convert the model instead, e.g. model.to(torch.bfloat16)")
+            self._check_cuda_graph(input_ids, use_cache)
         if isinstance(input_ids, (list, tuple)):
             return self._generate_prompts(list(input_ids), max_new_tokens, temperature, top_k, top_p, eos_token_id,
                                           use_cache=use_cache, generator=generator, output_logits=output_logits,
@@ -289,6 +283,21 @@ class MambaLMHeadModel(nn.Module):
             stacked = torch.stack(all_logits, dim=1) if all_logits else ids.new_zeros((batch, 0, vocab)).float()
             return ids, stacked
         return ids
+
+    @staticmethod
+    def _check_cuda_graph(input_ids, use_cache):
+        """generate's conditions for cuda_graph=True (input_ids that are not tensors, or an empty
+        list, are left to its input checks)."""
+        first = input_ids[0] if isinstance(input_ids, (list, tuple)) and input_ids else input_ids
+        device = getattr(first, "device", None)
+        if device is None:
+            return
+        if not use_cache or device.type != "cuda":
+            raise ValueError(f"cuda_graph: expected use_cache=True and input_ids on a CUDA device, got "
+                             f"use_cache={use_cache} and device {device}")
+        if torch.is_autocast_enabled("cuda"):
+            raise ValueError("cuda_graph: expected no autocast (a captured step would keep autocast's cast "
+                             "weights); convert the model instead, e.g. model.to(torch.bfloat16)")
 
     def _next_token(self, logits, temperature, top_k, top_p, eos_token_id, generator, finished, all_logits):
         """The next token of each row from its logits (padded vocabulary cut off, kept in all_logits
