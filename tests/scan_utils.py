@@ -109,6 +109,11 @@ def make_inputs(*, batch: int = 2, dim: int = 8, seqlen: int = 33, dstate: int =
         "delta_softplus": delta_softplus,
         "initial_state": randn(batch, dim, dstate).to(ct) if initial_state else None,
     }
+    return to_device(kw, device)
+
+
+def to_device(kw: Dict, device) -> Dict:
+    """The same keyword arguments with every tensor moved to `device` (None and flags unchanged)."""
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 

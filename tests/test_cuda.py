@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from scan_utils import (FWD_TOL, GRAD_TOL, check_backward, check_forward, grads_of, make_inputs,
-                        rel_l2, run_op, upcast, upstream_grads)
+                        rel_l2, run_op, to_device, upcast, upstream_grads)
 
 pytestmark = pytest.mark.cuda
-
-
-def _to(kw, device):
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
 def _check_against_cpu_op(kw_gpu, use_out=True, use_last=True):
@@ -24,7 +20,7 @@ def _check_against_cpu_op(kw_gpu, use_out=True, use_last=True):
     dout, dlast = upstream_grads(kw_gpu)
     dout = dout if use_out else None
     dlast = dlast if use_last else None
-    kw_cpu = _to(kw_gpu, "cpu")
+    kw_cpu = to_device(kw_gpu, "cpu")
     d_cpu = (None if dout is None else dout.cpu(), None if dlast is None else dlast.cpu())
     gpu = grads_of(lambda k: run_op(k, True), kw_gpu, dout, dlast)
     cpu32 = grads_of(lambda k: run_op(k, True), kw_cpu, *d_cpu)

@@ -5,16 +5,12 @@ the first GPU, checked against the float64 references as well."""
 import pytest
 import torch
 
-from scan_utils import check_backward, check_forward, grads_of, make_inputs, run_op, upstream_grads
+from scan_utils import check_backward, check_forward, grads_of, make_inputs, run_op, to_device, upstream_grads
 from selective_scan import selective_scan, selective_state_update, selective_state_update_ref
 from selective_scan.nn import MambaConfig, MambaLMHeadModel
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")]
-
-
-def _on(device, kw):
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
 
 
 def _assert_same_bits(first, second):
@@ -39,7 +35,7 @@ def test_scan_on_second_gpu(case):
              "fp32-split": dict(batch=1, dim=32, seqlen=1000, dstate=16),
              "fp32-slices": dict(batch=2, dim=16, seqlen=200, dstate=128, B_form="group", C_form="var")}[case]
     kw0 = make_inputs(device="cuda:0", seed=130, **shape)
-    kw1 = _on("cuda:1", kw0)
+    kw1 = to_device(kw0, "cuda:1")
     dout, dlast = upstream_grads(kw0)
     with torch.cuda.device(0):
         first = grads_of(lambda k: run_op(k, True), kw0, dout, dlast)
@@ -57,7 +53,7 @@ def test_varlen_on_second_gpu():
     cu = torch.tensor([0, 40, 41, 150], dtype=torch.int32)
     outs = []
     for device in ("cuda:0", "cuda:1"):
-        kw = _on(device, kw0)
+        kw = to_device(kw0, device)
         with torch.cuda.device(0):
             out, last = selective_scan(kw["u"], kw["delta"], kw["A"], kw["B"], kw["C"], kw["D"], kw["z"],
                                        kw["delta_bias"], True, True, cu_seqlens=cu.to(device))
