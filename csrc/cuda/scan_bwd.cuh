@@ -179,6 +179,12 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
                           (z_base == nullptr || f.z_aligned);
   // This thread's segments v = tid and tid + threads of the next chunk's u, delta, dout and z.
   RawSeg<input_t> ahead_u[2], ahead_d[2], ahead_g[2], ahead_z[2];
+  auto zero_rows_ahead = [&](int i) {
+    zero_seg(ahead_u[i]);
+    zero_seg(ahead_d[i]);
+    zero_seg(ahead_g[i]);
+    zero_seg(ahead_z[i]);
+  };
   auto load_rows_whole = [&](int64_t k) {
     const int64_t t0 = k * kChunk;
 #pragma unroll
@@ -194,10 +200,7 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
         if (z_base) ahead_z[i] = load_seg_whole(z_base + dc * p.z.dim_stride + t0, t);
         else zero_seg(ahead_z[i]);
       } else {
-        zero_seg(ahead_u[i]);
-        zero_seg(ahead_d[i]);
-        zero_seg(ahead_g[i]);
-        zero_seg(ahead_z[i]);
+        zero_rows_ahead(i);
       }
     }
   };
@@ -670,12 +673,7 @@ __global__ void __launch_bounds__(128, 3) scan_bwd_kernel(const ScanBwdParams bp
         // (the registers are written on every path out of the reverse phase, so that they are
         // not held through it)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          zero_seg(ahead_u[i]);
-          zero_seg(ahead_d[i]);
-          zero_seg(ahead_g[i]);
-          zero_seg(ahead_z[i]);
-        }
+        for (int i = 0; i < 2; ++i) zero_rows_ahead(i);
       }
     }
 

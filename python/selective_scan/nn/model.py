@@ -264,10 +264,7 @@ class MambaLMHeadModel(nn.Module):
         for _ in range(max_new_tokens):
             if use_cache:
                 if cuda_graph and params.seqlen_offset > 0:
-                    if graph is None:
-                        graph = DecodeStepGraph(self, params, step_input)
-                    logits = graph.step(step_input)
-                    logits = logits.clone() if output_logits else logits  # (kept: the next step overwrites it)
+                    graph, logits = self._replayed_step(graph, params, step_input, output_logits)
                 else:
                     logits = self(step_input, inference_params=params, num_last_tokens=1).logits[:, -1]
                 params.seqlen_offset += step_input.shape[1]
@@ -298,6 +295,15 @@ class MambaLMHeadModel(nn.Module):
         if torch.is_autocast_enabled("cuda"):
             raise ValueError("cuda_graph: expected no autocast (a captured step would keep autocast's cast "
                              "weights); convert the model instead, e.g. model.to(torch.bfloat16)")
+
+    def _replayed_step(self, graph, params, tokens, output_logits):
+        """generate's decode step with cuda_graph: the graph (captured from `tokens` on the first
+        step, graph None) and the logits of its replay, copied where they are kept (output_logits),
+        since the next replay overwrites them."""
+        if graph is None:
+            graph = DecodeStepGraph(self, params, tokens)
+        logits = graph.step(tokens)
+        return graph, (logits.clone() if output_logits else logits)
 
     def _next_token(self, logits, temperature, top_k, top_p, eos_token_id, generator, finished, all_logits):
         """The next token of each row from its logits (padded vocabulary cut off, kept in all_logits
@@ -345,10 +351,7 @@ class MambaLMHeadModel(nn.Module):
                 logits = self(packed, inference_params=params, cu_seqlens=cu_seqlens).logits[0, last]
                 params.seqlen_offset += max(lengths)
             elif cuda_graph:
-                if graph is None:
-                    graph = DecodeStepGraph(self, params, tokens[-1][:, None])
-                logits = graph.step(tokens[-1][:, None])
-                logits = logits.clone() if output_logits else logits  # (kept: the next step overwrites it)
+                graph, logits = self._replayed_step(graph, params, tokens[-1][:, None], output_logits)
                 params.seqlen_offset += 1
             else:
                 logits = self(tokens[-1][:, None], inference_params=params, num_last_tokens=1).logits[:, -1]
